@@ -1,0 +1,1 @@
+//! Test support: packet crafting, network-namespace labs.
