@@ -24,7 +24,7 @@ pub struct DenyEvent {
     /// `EVENT_*` bits.
     pub flags: u8,
 }
-assert_layout!(DenyEvent, 72, 8);
+assert_layout!(DenyEvent, 64, 8);
 
 /// Audit mode: the connection passed although policy would deny it.
 pub const EVENT_AUDIT: u8 = 1 << 0;
