@@ -26,12 +26,19 @@ fn main() -> anyhow::Result<()> {
     // `-Z build-std=core` on the stable toolchain pinned in rust-toolchain.toml.
     // SAFETY: build scripts are single-threaded.
     unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
+    // The toolchain pinned in rust-toolchain.toml (rustup names it in RUSTUP_TOOLCHAIN), not
+    // aya-build's default nightly: its LLVM must match bpf-linker's.
+    println!("cargo::rerun-if-env-changed=RUSTUP_TOOLCHAIN");
+    let toolchain = std::env::var("RUSTUP_TOOLCHAIN").ok();
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "npc-ebpf",
             root_dir: root_dir.as_str(),
             ..Default::default()
         }],
-        aya_build::Toolchain::default(),
+        toolchain.as_deref().map_or(
+            aya_build::Toolchain::default(),
+            aya_build::Toolchain::Custom,
+        ),
     )
 }

@@ -122,7 +122,11 @@ impl ProtoClass {
     }
 
     pub const fn from_u8(v: u8) -> Option<ProtoClass> {
-        if (v as usize) < Self::ALL.len() { Some(Self::ALL[v as usize]) } else { None }
+        if (v as usize) < Self::ALL.len() {
+            Some(Self::ALL[v as usize])
+        } else {
+            None
+        }
     }
 
     /// The metrics label value.

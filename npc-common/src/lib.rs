@@ -50,6 +50,15 @@ pub mod program_names {
     pub const TO_POD: &str = "to_pod";
 }
 
+/// What the TC programs return.
+pub mod verdict {
+    /// `TC_ACT_UNSPEC` / `TCX_NEXT`: no objection; the next program in the chain (the CNI's, if
+    /// any) or the stack decides.
+    pub const PASS: i32 = -1;
+    /// `TC_ACT_SHOT`: drop silently (a denied connect times out, it is never rejected).
+    pub const DROP: i32 = 2;
+}
+
 /// Default capacities of the maps (the agent may override them at load time).
 pub mod capacity {
     pub const ENDPOINTS: u32 = 65_536;
@@ -78,7 +87,9 @@ pub type IpBytes = [u8; 16];
 /// Maps an IPv4 address (network order bytes) into the 16-byte form.
 #[inline(always)]
 pub const fn ipv4_mapped(v4: [u8; 4]) -> IpBytes {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
 }
 
 /// The 16-byte map form of any address.

@@ -84,7 +84,11 @@ pub fn for_each_port_prefix(start: u16, end: u16, mut f: impl FnMut(u16, u32)) {
     let (mut lo, hi) = (start as u32, end as u32);
     while lo <= hi {
         // The largest aligned block starting at `lo` that does not pass `hi`.
-        let mut size_log2 = if lo == 0 { 16 } else { lo.trailing_zeros().min(16) };
+        let mut size_log2 = if lo == 0 {
+            16
+        } else {
+            lo.trailing_zeros().min(16)
+        };
         while size_log2 > 0 && lo + (1 << size_log2) - 1 > hi {
             size_log2 -= 1;
         }

@@ -1,1 +1,47 @@
-fn main() {}
+//! Developer tasks for npc, run as `cargo xtask <task>` (alias in `.cargo/config.toml`).
+//!
+//! One module per task; `util` holds what they share (workspace root, running commands, timing).
+
+mod setup;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Developer tasks for npc"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (apt packages, pinned toolchain, bpf-linker); only
+    /// what is missing.
+    Setup,
+    /// Setup, then fmt check, clippy and the workspace tests (release). Needs root.
+    Test(test::Args),
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Test(args) => test::run(args),
+    };
+    // Errors here are messages for the user, not bugs: print the cause chain without the
+    // backtrace anyhow would add when RUST_BACKTRACE is set (as in CI).
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

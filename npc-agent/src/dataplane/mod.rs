@@ -1,2 +1,10 @@
 //! The dataplane: loads the eBPF object, pins its maps, attaches it to veths and offers a typed
 //! API over the maps.
+mod bpffs;
+pub mod links;
+mod loader;
+mod maps;
+
+pub use bpffs::{ensure_bpffs, remove_pins};
+pub use loader::{AttachMode, Datapath, LoadOptions};
+pub use maps::{BlockedCount, DropCount, Maps, PortMatch, monotonic_ns};

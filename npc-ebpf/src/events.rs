@@ -1,0 +1,51 @@
+//! Denied-connection events to the agent, through a ring buffer, rate-limited per CPU so a flood
+//! cannot starve the agent. Suppressed and lost events are counted, never silently dropped.
+use npc_common::{Config, Counter, DenyEvent, NS_PER_SEC};
+
+use crate::{
+    counters::count,
+    maps::{EVENT_RATE, EVENTS},
+};
+
+/// Takes a token from this CPU's bucket (refilled at `events_per_sec`, capped at `events_burst`).
+#[inline(always)]
+fn take_token(cfg: &Config, now: u64) -> bool {
+    let Some(rl) = EVENT_RATE.get_ptr_mut(0) else {
+        return false;
+    };
+    let rl = unsafe { &mut *rl };
+    let cap = cfg.events_burst as u64 * NS_PER_SEC;
+    // Tokens are scaled by NS_PER_SEC: one event costs NS_PER_SEC, and each elapsed nanosecond
+    // adds `events_per_sec`. Clamp the elapsed time first so the product cannot overflow.
+    let elapsed = now.saturating_sub(rl.last_ns).min(cap);
+    rl.last_ns = now;
+    let tokens = (rl.tokens + elapsed * cfg.events_per_sec as u64).min(cap);
+    if tokens >= NS_PER_SEC {
+        rl.tokens = tokens - NS_PER_SEC;
+        true
+    } else {
+        rl.tokens = tokens;
+        false
+    }
+}
+
+/// Sends a deny event filled in by `fill`, written straight into the ring buffer (no stack copy).
+#[inline(always)]
+pub fn emit(cfg: &Config, now: u64, fill: impl FnOnce(&mut DenyEvent)) {
+    if cfg.events_per_sec == 0 {
+        return;
+    }
+    if !take_token(cfg, now) {
+        count(Counter::EventsRateLimited);
+        return;
+    }
+    match EVENTS.reserve::<DenyEvent>(0) {
+        Some(mut entry) => {
+            let event = unsafe { &mut *entry.as_mut_ptr() };
+            fill(event);
+            entry.submit(0);
+            count(Counter::EventsSubmitted);
+        }
+        None => count(Counter::EventsLost),
+    }
+}

@@ -1,0 +1,351 @@
+//! Packet parsing: Ethernet, IPv4 (options, fragments), IPv6 (extension headers), and the
+//! TCP/UDP/SCTP ports or ICMP type. Every read goes through `bpf_skb_load_bytes`, so a truncated
+//! packet fails the read instead of being read out of bounds, and non-linear skbs work.
+//! Addresses are loaded straight into the `Packet` (the BPF stack is only 512 bytes).
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    EbpfContext, bindings::__sk_buff, helpers::bpf_skb_load_bytes, programs::TcContext,
+};
+use npc_common::{DropReason, IpBytes, ipproto};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_ARP: u16 = 0x0806;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+
+/// Longest IPv6 extension header chain we walk before giving up.
+const MAX_IPV6_EXT_HEADERS: usize = 8;
+
+/// TCP flags (byte 13 of the header).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// A whole datagram.
+    None,
+    /// The first fragment (offset 0, more to come): carries the L4 header.
+    First,
+    /// A later fragment: no L4 header.
+    Later,
+}
+
+/// An ICMP error's quoted packet, reduced to what identifies its flow.
+pub struct Quoted {
+    pub src: IpBytes,
+    pub dst: IpBytes,
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+}
+
+/// An IP packet, reduced to what the verdict needs.
+pub struct Packet {
+    pub src: IpBytes,
+    pub dst: IpBytes,
+    /// The L4 protocol (after IPv6 extension headers).
+    pub protocol: u8,
+    /// Host byte order. For ICMP echo both carry the identifier; 0 for portless protocols.
+    pub sport: u16,
+    pub dport: u16,
+    pub tcp_flags: u8,
+    pub fragment: Fragment,
+    /// IPv4 identification or IPv6 fragment identification (when `fragment != None`).
+    pub frag_id: u32,
+    /// The packet is an ICMP/ICMPv6 error and `quoted` holds the flow it quotes.
+    pub is_error: bool,
+    pub quoted: Quoted,
+    /// ICMPv6 neighbour discovery or multicast listener messages: link plumbing, not policy.
+    pub link_local_control: bool,
+}
+
+impl Packet {
+    pub const fn empty() -> Packet {
+        Packet {
+            src: [0; 16],
+            dst: [0; 16],
+            protocol: 0,
+            sport: 0,
+            dport: 0,
+            tcp_flags: 0,
+            fragment: Fragment::None,
+            frag_id: 0,
+            is_error: false,
+            quoted: Quoted {
+                src: [0; 16],
+                dst: [0; 16],
+                sport: 0,
+                dport: 0,
+                protocol: 0,
+            },
+            link_local_control: false,
+        }
+    }
+
+    /// Whether `sport`/`dport` are real ports (policy may name them).
+    #[inline(always)]
+    pub fn has_ports(&self) -> bool {
+        matches!(self.protocol, ipproto::TCP | ipproto::UDP | ipproto::SCTP)
+    }
+}
+
+pub enum Parsed {
+    Ip,
+    /// ARP: passes (pods need it, and policy does not apply to it).
+    Arp,
+}
+
+#[inline(always)]
+fn load<T>(ctx: &TcContext, off: usize, reason: DropReason) -> Result<T, DropReason> {
+    ctx.load::<T>(off).map_err(|_| reason)
+}
+
+/// Loads an address (4 or 16 bytes) straight into `dst`: IPv4 into the last 4 bytes of the
+/// mapped form. (The raw helper with a constant length: the verifier rejects the variable
+/// length of `TcContext::load_bytes`.)
+#[inline(always)]
+fn load_addr(ctx: &TcContext, off: usize, dst: &mut IpBytes, v6: bool) -> Result<(), ()> {
+    let skb = ctx.as_ptr();
+    let r = unsafe {
+        if v6 {
+            bpf_skb_load_bytes(skb, off as u32, dst.as_mut_ptr() as *mut c_void, 16)
+        } else {
+            dst[10] = 0xff;
+            dst[11] = 0xff;
+            bpf_skb_load_bytes(skb, off as u32, dst[12..].as_mut_ptr() as *mut c_void, 4)
+        }
+    };
+    if r == 0 { Ok(()) } else { Err(()) }
+}
+
+/// IPv4 header up to the addresses.
+#[repr(C)]
+struct Ipv4Head {
+    version_ihl: u8,
+    tos: u8,
+    total_len: [u8; 2],
+    id: [u8; 2],
+    frag_off: [u8; 2],
+    ttl: u8,
+    protocol: u8,
+    check: [u8; 2],
+}
+
+/// Parses the packet into `pkt`. Not inlined: its buffers leave the stack before the verdict runs.
+#[inline(never)]
+pub fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<Parsed, DropReason> {
+    let skb = ctx.as_ptr() as *const __sk_buff;
+    // A tag the kernel moved out of the frame (hardware-accelerated VLAN).
+    if unsafe { (*skb).vlan_present } != 0 {
+        return Err(DropReason::VlanTagged);
+    }
+    let ethertype: [u8; 2] = load(ctx, 12, DropReason::TruncatedEthernet)?;
+    match u16::from_be_bytes(ethertype) {
+        ETH_P_IPV4 => parse_ipv4(ctx, pkt)?,
+        ETH_P_IPV6 => parse_ipv6(ctx, pkt)?,
+        ETH_P_ARP => return Ok(Parsed::Arp),
+        ETH_P_8021Q | ETH_P_8021AD => return Err(DropReason::VlanTagged),
+        _ => return Err(DropReason::UnsupportedL3),
+    }
+    Ok(Parsed::Ip)
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &TcContext, pkt: &mut Packet) -> Result<(), DropReason> {
+    let h: Ipv4Head = load(ctx, ETH_HLEN, DropReason::MalformedIpv4)?;
+    let ihl = (h.version_ihl & 0x0f) as usize * 4;
+    let total = u16::from_be_bytes(h.total_len) as usize;
+    if h.version_ihl >> 4 != 4 || ihl < 20 || total < ihl || ETH_HLEN + total > ctx.len() as usize {
+        return Err(DropReason::MalformedIpv4);
+    }
+    load_addr(ctx, ETH_HLEN + 12, &mut pkt.src, false).map_err(|()| DropReason::MalformedIpv4)?;
+    load_addr(ctx, ETH_HLEN + 16, &mut pkt.dst, false).map_err(|()| DropReason::MalformedIpv4)?;
+    let frag_off = u16::from_be_bytes(h.frag_off);
+    pkt.fragment = if frag_off & 0x1fff != 0 {
+        Fragment::Later
+    } else if frag_off & 0x2000 != 0 {
+        Fragment::First
+    } else {
+        Fragment::None
+    };
+    pkt.protocol = h.protocol;
+    pkt.frag_id = u16::from_be_bytes(h.id) as u32;
+    if pkt.fragment != Fragment::Later {
+        parse_l4(ctx, pkt, ETH_HLEN + ihl, ETH_HLEN + total, false)?;
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), DropReason> {
+    // Version/class/flow (4), payload length (2), next header (1), hop limit (1).
+    let h: [u8; 8] = load(ctx, ETH_HLEN, DropReason::MalformedIpv6)?;
+    let payload = u16::from_be_bytes([h[4], h[5]]) as usize;
+    // Payload length 0 would be a jumbogram, which no veth carries.
+    if h[0] >> 4 != 6 || payload == 0 || ETH_HLEN + 40 + payload > ctx.len() as usize {
+        return Err(DropReason::MalformedIpv6);
+    }
+    load_addr(ctx, ETH_HLEN + 8, &mut pkt.src, true).map_err(|()| DropReason::MalformedIpv6)?;
+    load_addr(ctx, ETH_HLEN + 24, &mut pkt.dst, true).map_err(|()| DropReason::MalformedIpv6)?;
+    let end = ETH_HLEN + 40 + payload;
+    pkt.protocol = h[6];
+    let mut off = ETH_HLEN + 40;
+    let mut found_l4 = false;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match pkt.protocol {
+            // Hop-by-hop, routing, destination options: length in 8-byte units, after the first 8.
+            0 | 43 | 60 => {
+                let e: [u8; 2] = load(ctx, off, DropReason::Ipv6ExtensionChain)?;
+                pkt.protocol = e[0];
+                off += (e[1] as usize + 1) * 8;
+            }
+            // Fragment header: next header, reserved, offset and M flag, identification.
+            44 => {
+                let e: [u8; 8] = load(ctx, off, DropReason::Ipv6ExtensionChain)?;
+                pkt.protocol = e[0];
+                let frag_off = u16::from_be_bytes([e[2], e[3]]);
+                pkt.frag_id = u32::from_be_bytes([e[4], e[5], e[6], e[7]]);
+                off += 8;
+                if frag_off & 0xfff8 != 0 {
+                    // A later fragment carries no L4 header.
+                    pkt.fragment = Fragment::Later;
+                    found_l4 = true;
+                    break;
+                }
+                if frag_off & 1 != 0 {
+                    pkt.fragment = Fragment::First;
+                }
+            }
+            // Authentication header: length in 4-byte units, after the first 8.
+            51 => {
+                let e: [u8; 2] = load(ctx, off, DropReason::Ipv6ExtensionChain)?;
+                pkt.protocol = e[0];
+                off += (e[1] as usize + 2) * 4;
+            }
+            _ => {
+                found_l4 = true;
+                break;
+            }
+        }
+        if off > end {
+            return Err(DropReason::Ipv6ExtensionChain);
+        }
+    }
+    if !found_l4 {
+        return Err(DropReason::Ipv6ExtensionChain);
+    }
+    if pkt.fragment != Fragment::Later {
+        parse_l4(ctx, pkt, off, end, true)?;
+    }
+    Ok(())
+}
+
+/// Reads the ports (or ICMP type and identifier) at `off`; `end` is where the IP payload ends.
+#[inline(always)]
+fn parse_l4(
+    ctx: &TcContext,
+    pkt: &mut Packet,
+    off: usize,
+    end: usize,
+    v6: bool,
+) -> Result<(), DropReason> {
+    match pkt.protocol {
+        ipproto::TCP => {
+            // Ports (4), sequence (4), acknowledgment (4), data offset (1), flags (1).
+            let t: [u8; 14] = load(ctx, off, DropReason::MalformedL4)?;
+            let doff = (t[12] >> 4) as usize * 4;
+            if doff < 20 || off + doff > end {
+                return Err(DropReason::MalformedL4);
+            }
+            pkt.sport = u16::from_be_bytes([t[0], t[1]]);
+            pkt.dport = u16::from_be_bytes([t[2], t[3]]);
+            pkt.tcp_flags = t[13];
+        }
+        ipproto::UDP | ipproto::SCTP => {
+            // UDP header or SCTP common header: both start with the two ports.
+            let hlen = if pkt.protocol == ipproto::UDP { 8 } else { 12 };
+            if off + hlen > end {
+                return Err(DropReason::MalformedL4);
+            }
+            let p: [u8; 4] = load(ctx, off, DropReason::MalformedL4)?;
+            pkt.sport = u16::from_be_bytes([p[0], p[1]]);
+            pkt.dport = u16::from_be_bytes([p[2], p[3]]);
+        }
+        ipproto::ICMP | ipproto::ICMPV6 => {
+            if (pkt.protocol == ipproto::ICMPV6) != v6 || off + 8 > end {
+                return Err(DropReason::MalformedL4);
+            }
+            // Type, code, checksum, identifier (echo).
+            let i: [u8; 6] = load(ctx, off, DropReason::MalformedL4)?;
+            let ty = i[0];
+            let (echo, error) = if v6 {
+                pkt.link_local_control = matches!(ty, 130..=137 | 143);
+                (ty == 128 || ty == 129, (1..=4).contains(&ty))
+            } else {
+                (ty == 8 || ty == 0, matches!(ty, 3 | 4 | 11 | 12))
+            };
+            if echo {
+                // Request and reply share the identifier: both "ports" carry it so the two
+                // directions map to one conntrack entry.
+                let id = u16::from_be_bytes([i[4], i[5]]);
+                pkt.sport = id;
+                pkt.dport = id;
+            } else if error {
+                pkt.is_error = parse_quoted(ctx, &mut pkt.quoted, off + 8, end, v6).is_ok();
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The packet an ICMP error quotes: its addresses and ports, if they can be read.
+#[inline(always)]
+fn parse_quoted(
+    ctx: &TcContext,
+    q: &mut Quoted,
+    off: usize,
+    end: usize,
+    v6: bool,
+) -> Result<(), ()> {
+    let l4 = if v6 {
+        let h: [u8; 8] = ctx.load(off).map_err(|_| ())?;
+        q.protocol = h[6];
+        load_addr(ctx, off + 8, &mut q.src, true)?;
+        load_addr(ctx, off + 24, &mut q.dst, true)?;
+        off + 40
+    } else {
+        let h: Ipv4Head = ctx.load(off).map_err(|_| ())?;
+        let ihl = (h.version_ihl & 0x0f) as usize * 4;
+        if ihl < 20 {
+            return Err(());
+        }
+        q.protocol = h.protocol;
+        load_addr(ctx, off + 12, &mut q.src, false)?;
+        load_addr(ctx, off + 16, &mut q.dst, false)?;
+        off + ihl
+    };
+    if l4 + 8 > end {
+        return Err(());
+    }
+    let p: [u8; 6] = ctx.load(l4).map_err(|_| ())?;
+    match q.protocol {
+        ipproto::TCP | ipproto::UDP | ipproto::SCTP => {
+            q.sport = u16::from_be_bytes([p[0], p[1]]);
+            q.dport = u16::from_be_bytes([p[2], p[3]]);
+        }
+        // A quoted echo request: its identifier, as in `parse_l4`.
+        ipproto::ICMP | ipproto::ICMPV6 => {
+            let id = u16::from_be_bytes([p[4], p[5]]);
+            q.sport = id;
+            q.dport = id;
+        }
+        _ => return Err(()),
+    }
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! `cargo xtask test`: setup, then the checks CI runs (fmt, clippy, tests), each timed, with a
+//! summary at the end.
+
+use std::time::Duration;
+
+use anyhow::bail;
+
+use crate::{
+    setup,
+    util::{self, command},
+};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Passed to `cargo test` after `--workspace --release` (e.g. `-- -p npc-tests -- --nocapture`).
+    #[arg(last = true)]
+    cargo_test_args: Vec<String>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    // Loading BPF programs and creating network namespaces need root; say so before spending
+    // minutes on setup and builds.
+    if !util::is_root() {
+        bail!(
+            "`cargo xtask test` must run as root (the tests load BPF programs and create network namespaces)"
+        );
+    }
+
+    let mut results = Vec::new();
+
+    header("setup", "cargo xtask setup");
+    let (setup_result, took) = util::timed(setup::run);
+    footer("setup", &setup_result, took);
+    // Nothing below can work without the tools setup installs.
+    setup_result?;
+    results.push(("setup", true, took));
+
+    let mut fmt = command("cargo");
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    let mut clippy = command("cargo");
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    // Release: the eBPF object is built in release whatever the profile, and the tests (packet
+    // loops, namespaces) run faster.
+    let mut test = command("cargo");
+    test.args(["test", "--workspace", "--release"])
+        .args(&args.cargo_test_args)
+        .env("RUST_BACKTRACE", "1");
+
+    // Keep going after a failure: a fmt nit should not hide what clippy and the tests say.
+    for (name, mut cmd) in [("fmt", fmt), ("clippy", clippy), ("test", test)] {
+        header(name, &util::display(&cmd));
+        let (result, took) = util::timed(|| util::run(&mut cmd));
+        footer(name, &result, took);
+        if let Err(e) = &result {
+            eprintln!("{e:#}");
+        }
+        results.push((name, result.is_ok(), took));
+    }
+
+    println!("==> summary");
+    for (name, ok, took) in &results {
+        let status = if *ok { "ok" } else { "FAILED" };
+        println!("    {name:<8} {status:<7} {}", util::secs(*took));
+    }
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|(_, ok, _)| !ok)
+        .map(|(name, _, _)| *name)
+        .collect();
+    if !failed.is_empty() {
+        bail!("failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn header(name: &str, what: &str) {
+    println!("==> {name}: {what}");
+}
+
+fn footer<T>(name: &str, result: &anyhow::Result<T>, took: Duration) {
+    let status = if result.is_ok() { "ok" } else { "FAILED" };
+    println!("<== {name}: {status} ({})", util::secs(took));
+}
