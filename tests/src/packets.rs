@@ -250,7 +250,11 @@ pub fn ipv6_with_extensions(src: IpAddr, dst: IpAddr, exts: &[(u8, Vec<u8>)], l4
     }
     payload.extend_from_slice(&l4.bytes(true));
     let first = exts.first().map_or(l4.protocol(true), |(t, _)| *t);
-    ip_packet(src, dst, first, &payload)
+    // Built as "no next header" and patched: etherparse insists on modelling extension headers
+    // it is told about, and these are raw bytes.
+    let mut frame = ip_packet(src, dst, 59, &payload);
+    frame[ETH_HLEN + 6] = first;
+    frame
 }
 
 /// An 8-byte IPv6 hop-by-hop or destination-options header (PadN only).

@@ -37,26 +37,50 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let mut fmt = command("cargo");
     fmt.args(["fmt", "--all", "--", "--check"]);
+    // npc-ebpf only builds for the BPF target (no_std, its own panic handler): the host steps
+    // exclude it, and it is linted for its own target.
     let mut clippy = command("cargo");
     clippy.args([
         "clippy",
         "--workspace",
+        "--exclude",
+        "npc-ebpf",
         "--all-targets",
-        "--",
-        "-D",
-        "warnings",
     ]);
+    clippy.args(["--", "-D", "warnings"]);
+    let mut clippy_ebpf = command("cargo");
+    clippy_ebpf
+        .args([
+            "clippy",
+            "-p",
+            "npc-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+        ])
+        .args(["-Z", "build-std=core", "--", "-D", "warnings"])
+        .env("RUSTC_BOOTSTRAP", "1");
     // Release: the eBPF object is built in release whatever the profile, and the tests (packet
     // loops, namespaces) run faster.
     let mut test = command("cargo");
-    test.args(["test", "--workspace", "--release"])
+    test.args(["test", "--workspace", "--exclude", "npc-ebpf", "--release"])
         .args(&args.cargo_test_args)
         .env("RUST_BACKTRACE", "1");
 
     // Keep going after a failure: a fmt nit should not hide what clippy and the tests say.
-    for (name, mut cmd) in [("fmt", fmt), ("clippy", clippy), ("test", test)] {
+    let mut tally = Tally::default();
+    for (name, mut cmd) in [
+        ("fmt", fmt),
+        ("clippy", clippy),
+        ("clippy-ebpf", clippy_ebpf),
+        ("test", test),
+    ] {
         header(name, &util::display(&cmd));
-        let (result, took) = util::timed(|| util::run(&mut cmd));
+        let (result, took) = if name == "test" {
+            util::timed(|| util::run_tee(&mut cmd, |line| tally.add(line)))
+        } else {
+            util::timed(|| util::run(&mut cmd))
+        };
         footer(name, &result, took);
         if let Err(e) = &result {
             eprintln!("{e:#}");
@@ -74,10 +98,44 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .filter(|(_, ok, _)| !ok)
         .map(|(name, _, _)| *name)
         .collect();
+    // The last line: every test binary's results added up.
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        tally.passed, tally.failed, tally.ignored
+    );
     if !failed.is_empty() {
         bail!("failed: {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// Sums cargo test's `test result: ok. 3 passed; 0 failed; 1 ignored; ...` lines.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Tally {
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
 }
 
 fn header(name: &str, what: &str) {

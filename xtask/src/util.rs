@@ -68,6 +68,27 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `cmd` like `run`, echoing its stdout line by line and handing each line to `on_line`
+/// (to tally test results without hiding progress).
+pub fn run_tee(cmd: &mut Command, mut on_line: impl FnMut(&str)) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run `{}`", display(cmd)))?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading child output")?;
+        println!("{line}");
+        on_line(&line);
+    }
+    let status = child.wait().context("waiting for child")?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", display(cmd));
+    }
+    Ok(())
+}
+
 /// Runs `cmd` and captures stdout and stderr; `None` if the program does not exist.
 pub fn output(cmd: &mut Command) -> anyhow::Result<Option<Output>> {
     match cmd.output() {
