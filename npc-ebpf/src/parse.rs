@@ -1,12 +1,8 @@
 //! Packet parsing: Ethernet, IPv4 (options, fragments), IPv6 (extension headers), and the
-//! TCP/UDP/SCTP ports or ICMP type. Every read goes through `bpf_skb_load_bytes`, so a truncated
-//! packet fails the read instead of being read out of bounds, and non-linear skbs work.
-//! Addresses are loaded straight into the `Packet` (the BPF stack is only 512 bytes).
-use core::ffi::c_void;
-
-use aya_ebpf::{
-    EbpfContext, bindings::__sk_buff, helpers::bpf_skb_load_bytes, programs::TcContext,
-};
+//! TCP/UDP/SCTP ports or ICMP type. Reads are direct packet accesses checked against the end of
+//! the data (see `read`), so a truncated packet fails the read instead of being read out of
+//! bounds, and headers outside a non-linear skb's linear area are pulled in on demand.
+use aya_ebpf::{EbpfContext, bindings::__sk_buff, programs::TcContext};
 use npc_common::{DropReason, IpBytes, ipproto};
 
 const ETH_HLEN: usize = 14;
@@ -15,6 +11,13 @@ const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;
+
+/// Headers further into the packet than this are not read (an IPv6 extension chain that long is
+/// dropped as malformed).
+const MAX_HEADER_OFF: usize = 1024;
+
+/// Bytes of IPv6 extension headers (and the L4 header after them) we make linear.
+const MAX_IPV6_EXT_BYTES: usize = 256;
 
 /// Longest IPv6 extension header chain we walk before giving up.
 const MAX_IPV6_EXT_HEADERS: usize = 8;
@@ -44,7 +47,9 @@ pub struct Quoted {
     pub protocol: u8,
 }
 
-/// An IP packet, reduced to what the verdict needs.
+/// An IP packet, reduced to what the verdict needs. Aligned to 8 so zeroing and copying it are
+/// a few word stores, not a call to the byte-loop `memset`/`memcpy` of a BPF `core`.
+#[repr(C, align(8))]
 pub struct Packet {
     pub src: IpBytes,
     pub dst: IpBytes,
@@ -57,9 +62,12 @@ pub struct Packet {
     pub fragment: Fragment,
     /// IPv4 identification or IPv6 fragment identification (when `fragment != None`).
     pub frag_id: u32,
-    /// The packet is an ICMP/ICMPv6 error and `quoted` holds the flow it quotes.
+    /// The packet is an ICMP/ICMPv6 error (see `parse_quoted`).
     pub is_error: bool,
-    pub quoted: Quoted,
+    pub v6: bool,
+    /// Where the L4 header starts and the IP payload ends.
+    pub l4_off: u16,
+    pub end: u16,
     /// ICMPv6 neighbour discovery or multicast listener messages: link plumbing, not policy.
     pub link_local_control: bool,
 }
@@ -76,13 +84,9 @@ impl Packet {
             fragment: Fragment::None,
             frag_id: 0,
             is_error: false,
-            quoted: Quoted {
-                src: [0; 16],
-                dst: [0; 16],
-                sport: 0,
-                dport: 0,
-                protocol: 0,
-            },
+            v6: false,
+            l4_off: 0,
+            end: 0,
             link_local_control: false,
         }
     }
@@ -100,31 +104,61 @@ pub enum Parsed {
     Arp,
 }
 
+/// Reads a `T` at `off` by direct packet access (no helper call). A read past the end of the
+/// linear data fails, so truncated packets never read out of bounds; `ensure_linear` first makes
+/// the headers of a non-linear skb linear.
 #[inline(always)]
-fn load<T>(ctx: &TcContext, off: usize, reason: DropReason) -> Result<T, DropReason> {
-    ctx.load::<T>(off).map_err(|_| reason)
+fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+    let len = core::mem::size_of::<T>();
+    let start = ctx.data();
+    // The bound on `off` lets the verifier prove the access is inside the checked range.
+    if off <= MAX_HEADER_OFF && start + off + len <= ctx.data_end() {
+        Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
+    } else {
+        None
+    }
 }
 
-/// Loads an address (4 or 16 bytes) straight into `dst`: IPv4 into the last 4 bytes of the
-/// mapped form. (The raw helper with a constant length: the verifier rejects the variable
-/// length of `TcContext::load_bytes`.)
+/// Makes the first `upto` bytes (or the whole packet, if shorter) linear, so `read` sees them.
+/// A no-op, one comparison, for the usual skb whose headers are linear already.
+#[inline(always)]
+fn ensure_linear(ctx: &TcContext, upto: usize) {
+    let last = upto - 1;
+    if last <= MAX_HEADER_OFF {
+        let probe = ctx.data() + last;
+        if probe < ctx.data_end() {
+            // A volatile probe of the last byte: without a load behind it LLVM rewrites the
+            // check into pointer arithmetic the verifier refuses.
+            unsafe { core::ptr::read_volatile(probe as *const u8) };
+            return;
+        }
+    }
+    let n = upto.min(ctx.len() as usize);
+    let _ = ctx.pull_data(n as u32);
+}
+
+#[inline(always)]
+fn load<T: Copy>(ctx: &TcContext, off: usize, reason: DropReason) -> Result<T, DropReason> {
+    read(ctx, off).ok_or(reason)
+}
+
+/// Loads an address into `dst`: IPv6 whole, IPv4 into the last 4 bytes of the mapped form.
 #[inline(always)]
 fn load_addr(ctx: &TcContext, off: usize, dst: &mut IpBytes, v6: bool) -> Result<(), ()> {
-    let skb = ctx.as_ptr();
-    let r = unsafe {
-        if v6 {
-            bpf_skb_load_bytes(skb, off as u32, dst.as_mut_ptr() as *mut c_void, 16)
-        } else {
-            dst[10] = 0xff;
-            dst[11] = 0xff;
-            bpf_skb_load_bytes(skb, off as u32, dst[12..].as_mut_ptr() as *mut c_void, 4)
-        }
-    };
-    if r == 0 { Ok(()) } else { Err(()) }
+    if v6 {
+        *dst = read::<[u8; 16]>(ctx, off).ok_or(())?;
+    } else {
+        let v4 = read::<[u8; 4]>(ctx, off).ok_or(())?;
+        dst[10] = 0xff;
+        dst[11] = 0xff;
+        dst[12..16].copy_from_slice(&v4);
+    }
+    Ok(())
 }
 
 /// IPv4 header up to the addresses.
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct Ipv4Head {
     version_ihl: u8,
     tos: u8,
@@ -144,6 +178,7 @@ pub fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<Parsed, DropReason> {
     if unsafe { (*skb).vlan_present } != 0 {
         return Err(DropReason::VlanTagged);
     }
+    ensure_linear(ctx, ETH_HLEN + 40);
     let ethertype: [u8; 2] = load(ctx, 12, DropReason::TruncatedEthernet)?;
     match u16::from_be_bytes(ethertype) {
         ETH_P_IPV4 => parse_ipv4(ctx, pkt)?,
@@ -196,6 +231,11 @@ fn parse_ipv6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), DropReason> {
     pkt.protocol = h[6];
     let mut off = ETH_HLEN + 40;
     let mut found_l4 = false;
+    if matches!(pkt.protocol, 0 | 43 | 44 | 51 | 60) {
+        // Extension headers are rare: make room for a long chain at once (a constant length:
+        // the verifier rejects what LLVM makes of a variable one in this loop).
+        ensure_linear(ctx, ETH_HLEN + 40 + MAX_IPV6_EXT_BYTES);
+    }
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match pkt.protocol {
             // Hop-by-hop, routing, destination options: length in 8-byte units, after the first 8.
@@ -254,6 +294,10 @@ fn parse_l4(
     end: usize,
     v6: bool,
 ) -> Result<(), DropReason> {
+    pkt.v6 = v6;
+    pkt.l4_off = off as u16;
+    pkt.end = end as u16;
+    ensure_linear(ctx, off + 20);
     match pkt.protocol {
         ipproto::TCP => {
             // Ports (4), sequence (4), acknowledgment (4), data offset (1), flags (1).
@@ -296,7 +340,7 @@ fn parse_l4(
                 pkt.sport = id;
                 pkt.dport = id;
             } else if error {
-                pkt.is_error = parse_quoted(ctx, &mut pkt.quoted, off + 8, end, v6).is_ok();
+                pkt.is_error = true;
             }
         }
         _ => {}
@@ -304,23 +348,21 @@ fn parse_l4(
     Ok(())
 }
 
-/// The packet an ICMP error quotes: its addresses and ports, if they can be read.
+/// The packet an ICMP error quotes (after the 8-byte ICMP header): its addresses and ports, if
+/// they can be read. Parsed only when an error is checked, off the hot path.
 #[inline(always)]
-fn parse_quoted(
-    ctx: &TcContext,
-    q: &mut Quoted,
-    off: usize,
-    end: usize,
-    v6: bool,
-) -> Result<(), ()> {
+pub fn parse_quoted(ctx: &TcContext, pkt: &Packet, q: &mut Quoted) -> Result<(), ()> {
+    let (off, end, v6) = (pkt.l4_off as usize + 8, pkt.end as usize, pkt.v6);
+    // The quoted IP header (at most 60 bytes for IPv4, 40 for IPv6) and 8 bytes of its payload.
+    ensure_linear(ctx, off + 68);
     let l4 = if v6 {
-        let h: [u8; 8] = ctx.load(off).map_err(|_| ())?;
+        let h: [u8; 8] = read(ctx, off).ok_or(())?;
         q.protocol = h[6];
         load_addr(ctx, off + 8, &mut q.src, true)?;
         load_addr(ctx, off + 24, &mut q.dst, true)?;
         off + 40
     } else {
-        let h: Ipv4Head = ctx.load(off).map_err(|_| ())?;
+        let h: Ipv4Head = read(ctx, off).ok_or(())?;
         let ihl = (h.version_ihl & 0x0f) as usize * 4;
         if ihl < 20 {
             return Err(());
@@ -333,7 +375,7 @@ fn parse_quoted(
     if l4 + 8 > end {
         return Err(());
     }
-    let p: [u8; 6] = ctx.load(l4).map_err(|_| ())?;
+    let p: [u8; 6] = read(ctx, l4).ok_or(())?;
     match q.protocol {
         ipproto::TCP | ipproto::UDP | ipproto::SCTP => {
             q.sport = u16::from_be_bytes([p[0], p[1]]);

@@ -5,10 +5,13 @@
 //!    is the pod's own.
 //! 3. Conntrack hit of the current policy generation: pass (the hot path).
 //! 4. Otherwise decide by policy; track allowed flows, count and report denied ones.
+//!
+//! The BPF stack is 512 bytes for the whole call chain, so the stages after parsing are separate
+//! BPF functions (`#[inline(never)]`) that share one `Flow` through a pointer.
 use aya_ebpf::{EbpfContext, bindings::__sk_buff, programs::TcContext};
 use npc_common::{
     BLOCKED_AUDIT, CONFIG_AUDIT, CONFIG_GRANDFATHER, CONFIG_UNKNOWN_ALLOW, CT_AUDIT, CT_UNISOLATED,
-    Config, Counter, CtEntry, DenyEvent, Direction, DropReason, ENDPOINT_AUDIT, EVENT_AUDIT,
+    Config, Counter, CtEntry, CtKey, DenyEvent, Direction, DropReason, ENDPOINT_AUDIT, EVENT_AUDIT,
     EndpointInfo, FragEntry, FragKey, IpBytes, verdict,
 };
 
@@ -17,7 +20,7 @@ use crate::{
     counters::{count, count_allowed, count_blocked, count_drop},
     events,
     maps::{CONNTRACK, ENDPOINTS, FRAGMENTS, INTERFACES, config},
-    parse::{Fragment, Packet, Parsed, parse},
+    parse::{Fragment, Packet, Parsed, Quoted, parse, parse_quoted},
     policy::{Decision, decide},
 };
 
@@ -34,12 +37,82 @@ fn drop(reason: DropReason, dir: Direction, protocol: u8) -> i32 {
     verdict::DROP
 }
 
-/// The packet's flow as the local endpoint sees it.
-struct Flow {
-    local: IpBytes,
-    remote: IpBytes,
-    local_port: u16,
-    remote_port: u16,
+/// A packet and its flow as the local endpoint sees it.
+struct Flow<'a> {
+    pkt: &'a Packet,
+    dir: Direction,
+    ifindex: u32,
+    /// The local endpoint, in the map (no copy).
+    ep: &'a EndpointInfo,
+}
+
+impl Flow<'_> {
+    /// The local endpoint's address: the source of what a pod sends, the destination of what it
+    /// receives.
+    #[inline(always)]
+    fn local(&self) -> &IpBytes {
+        if self.dir == Direction::Egress {
+            &self.pkt.src
+        } else {
+            &self.pkt.dst
+        }
+    }
+
+    #[inline(always)]
+    fn remote(&self) -> &IpBytes {
+        if self.dir == Direction::Egress {
+            &self.pkt.dst
+        } else {
+            &self.pkt.src
+        }
+    }
+
+    #[inline(always)]
+    fn local_port(&self) -> u16 {
+        if self.dir == Direction::Egress {
+            self.pkt.sport
+        } else {
+            self.pkt.dport
+        }
+    }
+
+    #[inline(always)]
+    fn remote_port(&self) -> u16 {
+        if self.dir == Direction::Egress {
+            self.pkt.dport
+        } else {
+            self.pkt.sport
+        }
+    }
+
+    #[inline(always)]
+    fn ct_key(&self) -> CtKey {
+        conntrack::key(
+            *self.local(),
+            *self.remote(),
+            self.local_port(),
+            self.remote_port(),
+            self.pkt.protocol,
+        )
+    }
+
+    /// The destination port of the flow's first packet in direction `opener`, as policy names
+    /// it (0 if the protocol has none).
+    #[inline(always)]
+    fn policy_port(&self, opener: Direction) -> u16 {
+        if !self.pkt.has_ports() {
+            0
+        } else if opener == Direction::Egress {
+            self.remote_port()
+        } else {
+            self.local_port()
+        }
+    }
+
+    #[inline(always)]
+    fn audited(&self, cfg: &Config) -> bool {
+        self.ep.flags & ENDPOINT_AUDIT != 0 || cfg.flags & CONFIG_AUDIT != 0
+    }
 }
 
 fn try_process(ctx: &TcContext, dir: Direction) -> Result<i32, i32> {
@@ -52,96 +125,70 @@ fn try_process(ctx: &TcContext, dir: Direction) -> Result<i32, i32> {
     if pkt.link_local_control {
         return Ok(verdict::PASS);
     }
-    let flow = match dir {
-        Direction::Egress => Flow {
-            local: pkt.src,
-            remote: pkt.dst,
-            local_port: pkt.sport,
-            remote_port: pkt.dport,
-        },
-        Direction::Ingress => Flow {
-            local: pkt.dst,
-            remote: pkt.src,
-            local_port: pkt.dport,
-            remote_port: pkt.sport,
-        },
-    };
     let ifindex = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex };
-
-    let ep = match unsafe { ENDPOINTS.get(&flow.local) } {
-        Some(ep) if ep.is_local() => *ep,
-        other => return unknown_endpoint(other.is_some(), dir, ifindex, pkt.protocol),
+    let local = if dir == Direction::Egress {
+        &pkt.src
+    } else {
+        &pkt.dst
+    };
+    let f = match unsafe { ENDPOINTS.get(local) } {
+        Some(ep) if ep.is_local() => Flow {
+            pkt: &pkt,
+            dir,
+            ifindex,
+            ep,
+        },
+        other => return unknown_endpoint(other.is_some(), &pkt, dir, ifindex),
     };
     // Anti-spoofing: a pod may only send from its own addresses, through its own veth.
-    if dir == Direction::Egress && ep.ifindex != 0 && ep.ifindex != ifindex {
-        return Err(drop(DropReason::SpoofedSource, dir, pkt.protocol));
+    if dir == Direction::Egress && f.ep.ifindex != 0 && f.ep.ifindex != f.ifindex {
+        return Err(drop(DropReason::SpoofedSource, dir, f.pkt.protocol));
     }
-
-    if pkt.fragment == Fragment::Later {
-        return later_fragment(&pkt, dir);
+    if f.pkt.fragment == Fragment::Later {
+        return later_fragment(f.pkt, dir);
     }
-
-    if pkt.is_error {
-        let q = &pkt.quoted;
-        // An ICMP error quotes a packet that travelled the other way: for an error delivered to
-        // the pod, the quoted source is the pod; for one the pod sends, the quoted destination.
-        let (q_local, q_remote, q_lport, q_rport) = match dir {
-            Direction::Ingress => (q.src, q.dst, q.sport, q.dport),
-            Direction::Egress => (q.dst, q.src, q.dport, q.sport),
-        };
-        if q_local == flow.local {
-            let key = conntrack::key(q_local, q_remote, q_lport, q_rport, q.protocol);
-            if let Some(e) = unsafe { CONNTRACK.get(&key) }
-                && !e.expired(q.protocol, now_ns())
-            {
-                count(Counter::IcmpRelated);
-                return Ok(verdict::PASS);
-            }
+    if f.pkt.is_error {
+        if related_icmp_error(ctx, &f) {
+            count(Counter::IcmpRelated);
+            return Ok(verdict::PASS);
         }
-        // Not related to a tracked flow: decided like any other ICMP packet, never tracked.
-        return new_flow(ctx, &pkt, &flow, &ep, dir, ifindex, false);
+        // Not related to a tracked flow: decided like any ICMP packet, and never tracked.
+        return Ok(new_flow(&f, false));
     }
 
-    let ct_key = conntrack::key(
-        flow.local,
-        flow.remote,
-        flow.local_port,
-        flow.remote_port,
-        pkt.protocol,
-    );
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&ct_key) {
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&f.ct_key()) {
         let entry = unsafe { &mut *entry };
         let now = now_ns();
         // A SYN on a closed connection, or an expired entry, starts over as a new flow.
-        if !entry.expired(pkt.protocol, now) && !(is_tcp_open(&pkt) && entry.closing()) {
-            if entry.generation == ep.generation {
-                conntrack::touch(entry, &pkt, dir, now);
-                record_fragment(&pkt, true, 0);
+        if !entry.expired(f.pkt.protocol, now) && !(is_tcp_open(f.pkt) && entry.closing()) {
+            if entry.generation == f.ep.generation {
+                conntrack::touch(entry, f.pkt, dir, now);
+                record_fragment(f.pkt, true, 0);
                 return Ok(verdict::PASS);
             }
-            return recheck(&pkt, &flow, &ep, entry, &ct_key, dir, ifindex, now);
+            return Ok(recheck(&f, entry));
         }
     }
-    new_flow(ctx, &pkt, &flow, &ep, dir, ifindex, true)
+    Ok(new_flow(&f, true))
 }
 
 /// A packet whose local address is no local endpoint.
 #[inline(always)]
 fn unknown_endpoint(
     known_remote: bool,
+    pkt: &Packet,
     dir: Direction,
     ifindex: u32,
-    protocol: u8,
 ) -> Result<i32, i32> {
     // From a pod veth the agent knows, or with another node's pod address: spoofed.
     if dir == Direction::Egress && (known_remote || unsafe { INTERFACES.get(&ifindex) }.is_some()) {
-        return Err(drop(DropReason::SpoofedSource, dir, protocol));
+        return Err(drop(DropReason::SpoofedSource, dir, pkt.protocol));
     }
     if config().flags & CONFIG_UNKNOWN_ALLOW != 0 {
         count(Counter::UnknownEndpointPassed);
         return Ok(verdict::PASS);
     }
-    Err(drop(DropReason::UnknownEndpoint, dir, protocol))
+    Err(drop(DropReason::UnknownEndpoint, dir, pkt.protocol))
 }
 
 /// A non-first fragment: the first fragment's verdict decides.
@@ -180,171 +227,114 @@ fn record_fragment(pkt: &Packet, allowed: bool, reason: u32) {
     }
 }
 
-#[inline(always)]
-fn audited(ep: &EndpointInfo, cfg: &Config) -> bool {
-    ep.flags & ENDPOINT_AUDIT != 0 || cfg.flags & CONFIG_AUDIT != 0
-}
-
-/// The destination port of a flow's first packet, as policy names it (0 if the protocol has none).
-#[inline(always)]
-fn policy_port(pkt: &Packet, flow: &Flow, opener: Direction) -> u16 {
-    if !pkt.has_ports() {
-        0
-    } else if opener == Direction::Egress {
-        flow.remote_port
-    } else {
-        flow.local_port
+/// Whether an ICMP error quotes a tracked flow of the local endpoint (the quoted packet
+/// travelled the other way: for an error delivered to the pod the quoted source is the pod, for
+/// one the pod sends the quoted destination).
+#[inline(never)]
+fn related_icmp_error(ctx: &TcContext, f: &Flow) -> bool {
+    let mut q = Quoted {
+        src: [0; 16],
+        dst: [0; 16],
+        sport: 0,
+        dport: 0,
+        protocol: 0,
+    };
+    if parse_quoted(ctx, f.pkt, &mut q).is_err() {
+        return false;
     }
+    let (q_local, q_remote, q_lport, q_rport) = match f.dir {
+        Direction::Ingress => (&q.src, &q.dst, q.sport, q.dport),
+        Direction::Egress => (&q.dst, &q.src, q.dport, q.sport),
+    };
+    if q_local == f.local() {
+        let key = conntrack::key(*q_local, *q_remote, q_lport, q_rport, q.protocol);
+        if let Some(e) = unsafe { CONNTRACK.get(&key) } {
+            return !e.expired(q.protocol, now_ns());
+        }
+    }
+    false
 }
 
 /// A tracked flow whose endpoint's policy changed since it was last checked: decide it again
 /// under the direction that opened it.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn recheck(
-    pkt: &Packet,
-    flow: &Flow,
-    ep: &EndpointInfo,
-    entry: &mut CtEntry,
-    key: &npc_common::CtKey,
-    dir: Direction,
-    ifindex: u32,
-    now: u64,
-) -> Result<i32, i32> {
+#[inline(never)]
+fn recheck(f: &Flow, entry: &mut CtEntry) -> i32 {
     let cfg = config();
     let opener = if entry.opener == Direction::Egress as u8 {
         Direction::Egress
     } else {
         Direction::Ingress
     };
-    let port = policy_port(pkt, flow, opener);
-    let d = decide(ep, opener, &flow.remote, pkt.protocol, port, &cfg);
-    if d.allowed || cfg.flags & CONFIG_GRANDFATHER != 0 || audited(ep, &cfg) {
+    let port = f.policy_port(opener);
+    let d = decide(f.ep, opener, f.remote(), f.pkt.protocol, port, &cfg);
+    let now = now_ns();
+    let grandfather = cfg.flags & CONFIG_GRANDFATHER != 0;
+    if d.allowed || grandfather || f.audited(&cfg) {
         if d.allowed {
             entry.rule = d.rule;
             entry.flags = (entry.flags & !(CT_UNISOLATED | CT_AUDIT)) | d.ct_flags;
             count(Counter::Rechecked);
-        } else if cfg.flags & CONFIG_GRANDFATHER == 0 {
+        } else if !grandfather {
             entry.flags |= CT_AUDIT;
             count(Counter::AuditWouldBlock);
-            report(
-                pkt,
-                flow,
-                ep,
-                &d,
-                opener,
-                port,
-                ifindex,
-                now,
-                &cfg,
-                DropReason::PolicyRevoked,
-                true,
-            );
+            report(f, &d, opener, now, &cfg, DropReason::PolicyRevoked, true);
         }
-        entry.generation = ep.generation;
-        conntrack::touch(entry, pkt, dir, now);
-        record_fragment(pkt, true, 0);
-        return Ok(verdict::PASS);
+        entry.generation = f.ep.generation;
+        conntrack::touch(entry, f.pkt, f.dir, now);
+        record_fragment(f.pkt, true, 0);
+        return verdict::PASS;
     }
-    let _ = CONNTRACK.remove(key);
-    report(
-        pkt,
-        flow,
-        ep,
-        &d,
-        opener,
-        port,
-        ifindex,
-        now,
-        &cfg,
-        DropReason::PolicyRevoked,
-        false,
-    );
-    record_fragment(pkt, false, DropReason::PolicyRevoked as u32);
-    Err(drop(DropReason::PolicyRevoked, dir, pkt.protocol))
+    let _ = CONNTRACK.remove(&f.ct_key());
+    report(f, &d, opener, now, &cfg, DropReason::PolicyRevoked, false);
+    record_fragment(f.pkt, false, DropReason::PolicyRevoked as u32);
+    drop(DropReason::PolicyRevoked, f.dir, f.pkt.protocol)
 }
 
 /// A packet of no tracked flow: policy decides; allowed flows are tracked (`track`), denied ones
 /// are counted and reported.
-#[inline(always)]
-fn new_flow(
-    _ctx: &TcContext,
-    pkt: &Packet,
-    flow: &Flow,
-    ep: &EndpointInfo,
-    dir: Direction,
-    ifindex: u32,
-    track: bool,
-) -> Result<i32, i32> {
+#[inline(never)]
+fn new_flow(f: &Flow, track: bool) -> i32 {
     let cfg = config();
-    let port = policy_port(pkt, flow, dir);
-    let d = decide(ep, dir, &flow.remote, pkt.protocol, port, &cfg);
+    let port = f.policy_port(f.dir);
+    let d = decide(f.ep, f.dir, f.remote(), f.pkt.protocol, port, &cfg);
     let now = now_ns();
-    if d.allowed || audited(ep, &cfg) {
+    if d.allowed || f.audited(&cfg) {
         let mut ct_flags = d.ct_flags;
         if d.allowed {
-            count_allowed(dir, pkt.protocol);
+            count_allowed(f.dir, f.pkt.protocol);
         } else {
             ct_flags |= CT_AUDIT;
             count(Counter::AuditWouldBlock);
-            count_blocked(dir, pkt.protocol, port, BLOCKED_AUDIT);
-            report(
-                pkt,
-                flow,
-                ep,
-                &d,
-                dir,
-                port,
-                ifindex,
+            count_blocked(f.dir, f.pkt.protocol, port, BLOCKED_AUDIT);
+            report(f, &d, f.dir, now, &cfg, DropReason::PolicyDenied, true);
+        }
+        if track
+            && !conntrack::create(
+                &f.ct_key(),
+                f.pkt,
+                f.dir,
+                f.ep.generation,
+                d.rule,
+                ct_flags,
                 now,
-                &cfg,
-                DropReason::PolicyDenied,
-                true,
-            );
+            )
+        {
+            count(Counter::CtInsertFailed);
         }
-        if track {
-            let key = conntrack::key(
-                flow.local,
-                flow.remote,
-                flow.local_port,
-                flow.remote_port,
-                pkt.protocol,
-            );
-            if !conntrack::create(&key, pkt, dir, ep.generation, d.rule, ct_flags, now) {
-                count(Counter::CtInsertFailed);
-            }
-        }
-        record_fragment(pkt, true, 0);
-        return Ok(verdict::PASS);
+        record_fragment(f.pkt, true, 0);
+        return verdict::PASS;
     }
-    count_blocked(dir, pkt.protocol, port, 0);
-    report(
-        pkt,
-        flow,
-        ep,
-        &d,
-        dir,
-        port,
-        ifindex,
-        now,
-        &cfg,
-        DropReason::PolicyDenied,
-        false,
-    );
-    record_fragment(pkt, false, DropReason::PolicyDenied as u32);
-    Err(drop(DropReason::PolicyDenied, dir, pkt.protocol))
+    count_blocked(f.dir, f.pkt.protocol, port, 0);
+    report(f, &d, f.dir, now, &cfg, DropReason::PolicyDenied, false);
+    record_fragment(f.pkt, false, DropReason::PolicyDenied as u32);
+    drop(DropReason::PolicyDenied, f.dir, f.pkt.protocol)
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn report(
-    pkt: &Packet,
-    flow: &Flow,
-    ep: &EndpointInfo,
+    f: &Flow,
     d: &Decision,
     dir: Direction,
-    _port: u16,
-    ifindex: u32,
     now: u64,
     cfg: &Config,
     reason: DropReason,
@@ -352,15 +342,15 @@ fn report(
 ) {
     events::emit(cfg, now, |e: &mut DenyEvent| {
         e.timestamp_ns = now;
-        e.local = flow.local;
-        e.remote = flow.remote;
-        e.local_port = flow.local_port;
-        e.remote_port = flow.remote_port;
-        e.local_identity = ep.identity;
+        e.local = *f.local();
+        e.remote = *f.remote();
+        e.local_port = f.local_port();
+        e.remote_port = f.remote_port();
+        e.local_identity = f.ep.identity;
         e.remote_identity = d.remote_identity;
         e.remote_cidr_identity = d.cidr_identity;
-        e.ifindex = ifindex;
-        e.protocol = pkt.protocol;
+        e.ifindex = f.ifindex;
+        e.protocol = f.pkt.protocol;
         e.direction = dir as u8;
         e.reason = reason as u8;
         e.flags = if audit { EVENT_AUDIT } else { 0 };

@@ -1,0 +1,429 @@
+//! The command line: `npc-agent [GLOBAL OPTIONS] [run] [RUN OPTIONS]` and
+//! `npc-agent [GLOBAL OPTIONS] cleanup`.
+//!
+//! `run` is the default subcommand: `npc-agent --bpffs DIR --audit` is `npc-agent --bpffs DIR run
+//! --audit`. Global options may stand before or after the subcommand.
+use std::{ffi::OsString, fmt, path::PathBuf, str::FromStr};
+
+use clap::{
+    Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum,
+    error::ErrorKind, parser::ValueSource,
+};
+use npc_common::{CONFIG_ALLOW_HOST, CONFIG_AUDIT, CONFIG_UNKNOWN_ALLOW, Config, capacity};
+
+use crate::{
+    dataplane::LoadOptions,
+    run::{InterfaceFilter, Options},
+};
+
+/// Largest `--events-per-sec` and `--events-burst`: the datapath's token bucket multiplies them
+/// (scaled by 10^9) in 64 bits, so their product must stay well below 1.8 * 10^10.
+pub const MAX_EVENTS: u32 = 100_000;
+
+/// npc: Kubernetes NetworkPolicy enforced by eBPF on every pod's host veth.
+#[derive(Debug, Parser)]
+#[command(
+    name = "npc-agent",
+    version,
+    override_usage = "npc-agent [GLOBAL OPTIONS] [run] [DATAPATH OPTIONS]\n       \
+                      npc-agent [GLOBAL OPTIONS] cleanup",
+    after_help = "Without a subcommand, `run` is assumed: `npc-agent --audit` is \
+                  `npc-agent run --audit`.\nThe log level comes from RUST_LOG (default: info), \
+                  e.g. RUST_LOG=debug or RUST_LOG=npc_agent=debug,warn."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// The options of `run`, when no subcommand is given.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+impl Cli {
+    /// Parses the process's arguments; on bad input prints what is wrong and exits with
+    /// status 2 (0 for `--help` and `--version`).
+    pub fn parse_args() -> Cli {
+        Cli::try_parse_args_from(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    /// Parses `args` (the first one is the program name). Use this rather than
+    /// [`Parser::try_parse_from`]: it also rejects options of the implicit `run` given
+    /// together with a subcommand (`npc-agent --audit cleanup`), which clap cannot express
+    /// while global options may precede the subcommand.
+    pub fn try_parse_args_from<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let mut cmd = Cli::command();
+        let matches = cmd.try_get_matches_from_mut(args)?;
+        if let Some((subcommand, _)) = matches.subcommand() {
+            let run_args = RunArgs::augment_args(clap::Command::new("run"));
+            let misplaced = run_args.get_arguments().find(|arg| {
+                matches.value_source(arg.get_id().as_str()) == Some(ValueSource::CommandLine)
+            });
+            if let Some(arg) = misplaced {
+                let name = arg
+                    .get_long()
+                    .map_or_else(|| arg.get_id().to_string(), |l| format!("--{l}"));
+                let message = if subcommand == "run" {
+                    format!("'{name}' must come after 'run' (or leave out 'run')")
+                } else {
+                    format!("'{name}' is an option of 'run', not of '{subcommand}'")
+                };
+                return Err(cmd.error(ErrorKind::ArgumentConflict, message));
+            }
+        }
+        Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
+    }
+
+    /// The subcommand to execute (`run` when none was given).
+    pub fn into_command(self) -> Command {
+        self.command.unwrap_or(Command::Run(self.run))
+    }
+}
+
+/// Options every subcommand takes.
+#[derive(Clone, Debug, Args)]
+#[command(next_help_heading = "Global options")]
+pub struct GlobalArgs {
+    /// Directory where the datapath's maps are pinned; a bpffs is mounted there when the
+    /// directory is not on one (e.g. under `ip netns exec`, which hides /sys/fs/bpf).
+    #[arg(
+        long,
+        global = true,
+        env = "NPC_BPFFS",
+        value_name = "DIR",
+        default_value = "/sys/fs/bpf/npc",
+        value_parser = parse_dir
+    )]
+    pub bpffs: PathBuf,
+
+    /// Format of the log lines on stderr (the level comes from RUST_LOG, default info).
+    #[arg(long, global = true, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Debug, Subcommand)]
+pub enum Command {
+    /// Load the datapath and attach it to pod interfaces until SIGTERM or SIGINT (the default).
+    Run(RunArgs),
+    /// Remove every pin under --bpffs (maps left by stopped agents).
+    ///
+    /// A running agent keeps enforcing until it exits: it holds its maps open, and its
+    /// interface links are its own and go away with it.
+    Cleanup,
+}
+
+/// Options of `run`.
+#[derive(Clone, Debug, Args)]
+#[command(next_help_heading = "Datapath")]
+pub struct RunArgs {
+    /// Attach to the interfaces whose name matches GLOB, whatever their kind (`*` matches any
+    /// run of characters, `?` one character; repeatable) [default: every veth]
+    #[arg(long = "interfaces", value_name = "GLOB")]
+    pub interfaces: Vec<Glob>,
+
+    /// What happens to a packet whose local address is no known endpoint (it is counted
+    /// either way).
+    #[arg(long, value_enum, value_name = "VERDICT", default_value_t = UnknownEndpoints::Deny)]
+    pub unknown_endpoints: UnknownEndpoints,
+
+    /// Traffic from the node's own addresses to local pods.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = HostTraffic::Allow)]
+    pub host_traffic: HostTraffic,
+
+    /// Audit mode: denials are counted and reported but not enforced.
+    #[arg(long)]
+    pub audit: bool,
+
+    /// Capacity of the conntrack table (flows). A conntrack map pinned by an earlier agent is
+    /// reused only if it has this size: run `cleanup` first to change it.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = capacity::CONNTRACK,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub conntrack_size: u32,
+
+    /// Denied-connection events each CPU may report per second (0 disables events).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = Config::default().events_per_sec,
+        value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_EVENTS))
+    )]
+    pub events_per_sec: u32,
+
+    /// Denied-connection events each CPU may report at once, after a quiet period.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = Config::default().events_burst,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_EVENTS))
+    )]
+    pub events_burst: u32,
+}
+
+impl RunArgs {
+    /// The datapath's runtime switches these options ask for.
+    pub fn config(&self) -> Config {
+        let mut flags = 0;
+        if self.unknown_endpoints == UnknownEndpoints::Allow {
+            flags |= CONFIG_UNKNOWN_ALLOW;
+        }
+        if self.host_traffic == HostTraffic::Allow {
+            flags |= CONFIG_ALLOW_HOST;
+        }
+        if self.audit {
+            flags |= CONFIG_AUDIT;
+        }
+        Config {
+            flags,
+            events_per_sec: self.events_per_sec,
+            events_burst: self.events_burst,
+            ..Config::default()
+        }
+    }
+
+    /// What [`crate::run::run`] needs, with the maps pinned under `bpffs`.
+    pub fn into_options(self, bpffs: PathBuf) -> Options {
+        let config = self.config();
+        Options {
+            load: LoadOptions {
+                bpffs,
+                conntrack_capacity: self.conntrack_size,
+                config,
+            },
+            interfaces: if self.interfaces.is_empty() {
+                InterfaceFilter::Veths
+            } else {
+                InterfaceFilter::Names(self.interfaces)
+            },
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, with the event's fields at the top level.
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum UnknownEndpoints {
+    /// Pass them.
+    Allow,
+    /// Drop them.
+    Deny,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum HostTraffic {
+    /// Always allowed, whatever the policies say.
+    Allow,
+    /// Subject to the pods' ingress policies like any other source.
+    Policy,
+}
+
+fn parse_dir(s: &str) -> Result<PathBuf, String> {
+    if s.is_empty() {
+        return Err("the directory must not be empty".into());
+    }
+    Ok(PathBuf::from(s))
+}
+
+/// A shell-style pattern over interface names: `*` matches any run of characters (also none),
+/// `?` exactly one; every other character matches itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Glob(Vec<char>);
+
+impl Glob {
+    pub fn matches(&self, name: &str) -> bool {
+        let pattern = &self.0;
+        let name: Vec<char> = name.chars().collect();
+        let (mut p, mut n) = (0, 0);
+        // The last `*` seen, and the name position it is currently taken to extend to: on a
+        // mismatch, that star swallows one more character and matching resumes after it.
+        let mut star: Option<(usize, usize)> = None;
+        while n < name.len() {
+            match pattern.get(p) {
+                Some('*') => {
+                    star = Some((p, n));
+                    p += 1;
+                }
+                Some(&c) if c == '?' || c == name[n] => {
+                    p += 1;
+                    n += 1;
+                }
+                _ => match star {
+                    Some((star_p, star_n)) => {
+                        star = Some((star_p, star_n + 1));
+                        p = star_p + 1;
+                        n = star_n + 1;
+                    }
+                    None => return false,
+                },
+            }
+        }
+        pattern[p..].iter().all(|&c| c == '*')
+    }
+}
+
+impl FromStr for Glob {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Glob, String> {
+        if s.is_empty() {
+            return Err("the pattern must not be empty".into());
+        }
+        Ok(Glob(s.chars().collect()))
+    }
+}
+
+impl fmt::Display for Glob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|c| write!(f, "{c}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_args_from(std::iter::once("npc-agent").chain(args.iter().copied()))
+    }
+
+    fn run_args(args: &[&str]) -> (GlobalArgs, RunArgs) {
+        let cli = parse(args).unwrap();
+        let global = cli.global.clone();
+        match cli.into_command() {
+            Command::Run(run) => (global, run),
+            other => panic!("expected run, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults() {
+        let (global, run) = run_args(&[]);
+        assert_eq!(global.log_format, LogFormat::Text);
+        assert_eq!(run.conntrack_size, capacity::CONNTRACK);
+        // Deny unknown endpoints, allow the host: the datapath's own defaults.
+        assert_eq!(run.config(), Config::default());
+        let opts = run.into_options(global.bpffs);
+        assert_eq!(opts.interfaces, InterfaceFilter::Veths);
+        assert_eq!(opts.load.conntrack_capacity, capacity::CONNTRACK);
+    }
+
+    #[test]
+    fn run_is_the_default_subcommand() {
+        let args = [
+            "--bpffs",
+            "/x",
+            "--unknown-endpoints",
+            "allow",
+            "--host-traffic",
+            "policy",
+            "--audit",
+            "--interfaces",
+            "cali*",
+            "--interfaces",
+            "veth?",
+            "--conntrack-size",
+            "1000",
+            "--events-per-sec",
+            "0",
+            "--events-burst",
+            "5",
+        ];
+        let (global, implicit) = run_args(&args);
+        let mut explicit_args = vec!["--bpffs", "/x", "run"];
+        explicit_args.extend_from_slice(&args[2..]);
+        let (_, explicit) = run_args(&explicit_args);
+        assert_eq!(global.bpffs, PathBuf::from("/x"));
+        for run in [implicit, explicit] {
+            assert_eq!(
+                run.config(),
+                Config {
+                    flags: CONFIG_UNKNOWN_ALLOW | CONFIG_AUDIT,
+                    events_per_sec: 0,
+                    events_burst: 5,
+                    _pad: 0,
+                }
+            );
+            assert_eq!(run.conntrack_size, 1000);
+            let names: Vec<String> = run.interfaces.iter().map(|g| g.to_string()).collect();
+            assert_eq!(names, ["cali*", "veth?"]);
+        }
+    }
+
+    #[test]
+    fn global_options_go_anywhere() {
+        let (global, _) = run_args(&["run", "--bpffs", "/y", "--log-format", "json"]);
+        assert_eq!(global.bpffs, PathBuf::from("/y"));
+        assert_eq!(global.log_format, LogFormat::Json);
+        let cli = parse(&["cleanup", "--bpffs", "/z"]).unwrap();
+        assert_eq!(cli.global.bpffs, PathBuf::from("/z"));
+        assert!(matches!(cli.into_command(), Command::Cleanup));
+    }
+
+    #[test]
+    fn bad_input_is_rejected() {
+        for args in [
+            &["--unknown-endpoints", "maybe"][..],
+            &["--host-traffic", "deny"],
+            &["--log-format", "xml"],
+            &["--conntrack-size", "0"],
+            &["--conntrack-size", "-1"],
+            &["--events-per-sec", "100001"],
+            &["--events-burst", "0"],
+            &["--interfaces", ""],
+            &["--bpffs", ""],
+            // Run options belong to `run`, not to `cleanup`.
+            &["cleanup", "--audit"],
+            // Either the implicit run or a subcommand, not both.
+            &["--audit", "cleanup"],
+            &["--audit", "run"],
+            &["frobnicate"],
+        ] {
+            assert!(parse(args).is_err(), "{args:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn globs() {
+        let m = |p: &str, n: &str| p.parse::<Glob>().unwrap().matches(n);
+        assert!(m("*", ""));
+        assert!(m("*", "eth0"));
+        assert!(m("veth*", "veth"));
+        assert!(m("veth*", "veth1a2b"));
+        assert!(!m("veth*", "xveth1"));
+        assert!(m("*0", "eth0"));
+        assert!(!m("*0", "eth01"));
+        assert!(m("npc?-a", "npc1-a"));
+        assert!(!m("npc?-a", "npc12-a"));
+        assert!(m("npc*-a", "npc12-a"));
+        assert!(m("a*b*c", "aXbYbZc"));
+        assert!(!m("a*b*c", "aXbYbZ"));
+        assert!(m("*a*a*a", "aaaa"));
+        assert!(!m("*a*a*a*b", "aaaaaaaaaa"));
+        assert!(m("eth0", "eth0"));
+        assert!(!m("eth0", "eth00"));
+        assert!(!m("eth?", "eth"));
+        assert!(m("**", "x"));
+        assert!("".parse::<Glob>().is_err());
+    }
+}

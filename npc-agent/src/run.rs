@@ -1,0 +1,302 @@
+//! The agent's subcommands: [`run`] (load the datapath, attach it to the pod interfaces, wait
+//! for a signal) and [`cleanup`] (remove the pins).
+use std::{
+    collections::HashMap,
+    fmt, io,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use futures::StreamExt as _;
+use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
+use npc_common::{CONFIG_ALLOW_HOST, CONFIG_AUDIT, CONFIG_UNKNOWN_ALLOW};
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tracing::{debug, info, warn};
+
+use crate::{
+    cli::Glob,
+    dataplane::{
+        AttachMode, Datapath, LoadOptions,
+        links::{Link, LinkEvent, watch_links},
+    },
+};
+
+/// What [`run`] does; built from the command line by [`crate::cli::RunArgs::into_options`].
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Where and how to load the datapath (pin directory, conntrack size, runtime switches).
+    pub load: LoadOptions,
+    /// Which interfaces to attach to.
+    pub interfaces: InterfaceFilter,
+}
+
+/// Which interfaces of the agent's network namespace get the datapath.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum InterfaceFilter {
+    /// Every veth (the host side of a pod's interface, with every common CNI).
+    #[default]
+    Veths,
+    /// Every interface whose name matches one of the patterns, whatever its kind.
+    Names(Vec<Glob>),
+}
+
+impl InterfaceFilter {
+    pub fn selects(&self, link: &Link) -> bool {
+        match self {
+            InterfaceFilter::Veths => link.is_veth(),
+            InterfaceFilter::Names(globs) => globs.iter().any(|g| g.matches(&link.name)),
+        }
+    }
+}
+
+impl fmt::Display for InterfaceFilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InterfaceFilter::Veths => f.write_str("every veth"),
+            InterfaceFilter::Names(globs) => {
+                f.write_str("names matching ")?;
+                for (i, g) in globs.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{g}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// `npc-agent run`: loads the datapath, attaches it to every selected interface (present now or
+/// created later) and detaches from all of them when SIGTERM or SIGINT arrives.
+///
+/// Watches the network namespace of the calling thread. Errors when the datapath cannot be
+/// loaded or the interface watch cannot be started or stops; a failure to attach to one
+/// interface is only logged.
+pub async fn run(opts: Options) -> Result<()> {
+    // First, so that a signal during the (possibly slow) load still ends in a clean shutdown.
+    let mut signals = Signals::install()?;
+    let config = opts.load.config;
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        bpffs = %opts.load.bpffs.display(),
+        interfaces = %opts.interfaces,
+        unknown_endpoints = %if config.flags & CONFIG_UNKNOWN_ALLOW != 0 { "allow" } else { "deny" },
+        host_traffic = %if config.flags & CONFIG_ALLOW_HOST != 0 { "allow" } else { "policy" },
+        audit = config.flags & CONFIG_AUDIT != 0,
+        conntrack_size = opts.load.conntrack_capacity,
+        events_per_sec = config.events_per_sec,
+        events_burst = config.events_burst,
+        "starting"
+    );
+    let datapath = Datapath::load(&opts.load)?;
+    let mut links = watch_links()
+        .await
+        .context("watching the network interfaces")?;
+    let mut attacher = Attacher::new(datapath, opts.interfaces);
+
+    let result = loop {
+        tokio::select! {
+            signal = signals.recv() => {
+                info!(signal, "shutting down");
+                break Ok(());
+            }
+            event = links.next() => match event {
+                Some(event) => attacher.handle(event),
+                None => break Err(anyhow!("the network interface watch stopped")),
+            },
+        }
+    };
+    attacher.detach_all();
+    result
+}
+
+/// SIGTERM and SIGINT.
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+        })
+    }
+
+    /// The name of the next signal received.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// An interface the datapath is attached to.
+struct Attached {
+    name: String,
+    mode: AttachMode,
+}
+
+/// Keeps the datapath attached to the selected interfaces, following link events. Owns the
+/// datapath.
+struct Attacher {
+    datapath: Datapath,
+    filter: InterfaceFilter,
+    attached: HashMap<u32, Attached>,
+}
+
+impl Attacher {
+    fn new(datapath: Datapath, filter: InterfaceFilter) -> Attacher {
+        Attacher {
+            datapath,
+            filter,
+            attached: HashMap::new(),
+        }
+    }
+
+    /// Applies one link event. `Added` is idempotent (it is repeated for every change of a
+    /// link), `Removed` may name a link never seen.
+    fn handle(&mut self, event: LinkEvent) {
+        match event {
+            LinkEvent::Added(link) if self.filter.selects(&link) => self.attach(link),
+            LinkEvent::Added(link) => {
+                // Renamed so that it is no longer selected.
+                if let Some(was) = self.attached.remove(&link.index) {
+                    self.datapath.detach(link.index);
+                    info!(
+                        ifindex = link.index,
+                        name = %link.name,
+                        old_name = %was.name,
+                        mode = %mode_name(was.mode),
+                        "detached: renamed, no longer selected"
+                    );
+                }
+            }
+            LinkEvent::Removed { index, .. } => {
+                // Harmless for an interface the datapath is not attached to, and for a gone
+                // one (its links went with it).
+                self.datapath.detach(index);
+                if let Some(was) = self.attached.remove(&index) {
+                    info!(
+                        ifindex = index,
+                        name = %was.name,
+                        mode = %mode_name(was.mode),
+                        "detached: interface removed"
+                    );
+                }
+            }
+        }
+    }
+
+    fn attach(&mut self, link: Link) {
+        match self.datapath.attach(link.index) {
+            Ok(mode) => {
+                let was = self.attached.insert(
+                    link.index,
+                    Attached {
+                        name: link.name.clone(),
+                        mode,
+                    },
+                );
+                match was {
+                    None => info!(
+                        ifindex = link.index,
+                        name = %link.name,
+                        mode = %mode_name(mode),
+                        "attached"
+                    ),
+                    Some(was) if was.name != link.name => info!(
+                        ifindex = link.index,
+                        name = %link.name,
+                        old_name = %was.name,
+                        mode = %mode_name(mode),
+                        "attached interface renamed"
+                    ),
+                    Some(_) => {}
+                }
+            }
+            // Typically the interface vanished between its event and now (its `Removed` event
+            // follows). Otherwise the next event about it retries.
+            Err(error) => warn!(
+                ifindex = link.index,
+                name = %link.name,
+                error = format!("{error:#}"),
+                "attach failed"
+            ),
+        }
+    }
+
+    fn detach_all(&mut self) {
+        let count = self.attached.len();
+        for (ifindex, was) in self.attached.drain() {
+            self.datapath.detach(ifindex);
+            debug!(ifindex, name = %was.name, mode = %mode_name(was.mode), "detached");
+        }
+        info!(interfaces = count, "detached from every interface");
+    }
+}
+
+fn mode_name(mode: AttachMode) -> &'static str {
+    match mode {
+        AttachMode::Tcx => "tcx",
+        AttachMode::Clsact => "clsact",
+    }
+}
+
+/// `npc-agent cleanup`: removes everything pinned under `dir` and `dir` itself (kept when it is
+/// a mount point), and returns the removed paths, parents after their contents. A missing `dir`
+/// is nothing to do. Refuses to touch a directory that is not on a bpffs.
+pub fn cleanup(dir: &Path) -> Result<Vec<PathBuf>> {
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("inspecting {}", dir.display())),
+        Ok(m) if !m.is_dir() => bail!("{} is not a directory", dir.display()),
+        Ok(_) => {}
+    }
+    let on_bpffs = statfs(dir)
+        .with_context(|| format!("inspecting {}", dir.display()))?
+        .filesystem_type()
+        == BPF_FS_MAGIC;
+    if !on_bpffs {
+        bail!(
+            "{} is not on a bpffs, so it holds no pins: refusing to remove anything there \
+             (note that `ip netns exec` hides the host's /sys/fs/bpf)",
+            dir.display()
+        );
+    }
+    let mut removed = Vec::new();
+    remove_contents(dir, &mut removed)?;
+    match std::fs::remove_dir(dir) {
+        Ok(()) => removed.push(dir.to_path_buf()),
+        // A bpffs mounted on the directory itself.
+        Err(e) if e.kind() == io::ErrorKind::ResourceBusy => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
+    }
+    Ok(removed)
+}
+
+fn remove_contents(dir: &Path, removed: &mut Vec<PathBuf>) -> Result<()> {
+    let mut entries = std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<io::Result<Vec<_>>>()
+        .with_context(|| format!("listing {}", dir.display()))?;
+    entries.sort();
+    for path in entries {
+        let is_dir = std::fs::symlink_metadata(&path)
+            .with_context(|| format!("inspecting {}", path.display()))?
+            .is_dir();
+        if is_dir {
+            remove_contents(&path, removed)?;
+            std::fs::remove_dir(&path)
+        } else {
+            std::fs::remove_file(&path)
+        }
+        .with_context(|| format!("removing {}", path.display()))?;
+        removed.push(path);
+    }
+    Ok(())
+}

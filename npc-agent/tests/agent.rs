@@ -1,0 +1,631 @@
+//! The real `npc-agent` binary in a network-namespace lab (see `npc_tests::lab`): it attaches to
+//! the pods' host veths, present and created later, enforces the default for unknown endpoints,
+//! exits cleanly on SIGTERM/SIGINT (its links go with it), and `cleanup` removes its pins.
+//!
+//! Needs root (BPF, network namespaces, bpffs). The test lives in the npc-agent package because
+//! only there does cargo build the binary for it (`CARGO_BIN_EXE_npc-agent`); the lab comes from
+//! npc-tests, a dev-dependency.
+//!
+//! Cleanup also on failure: the `Agent` guard kills the agent and removes its bpffs directory,
+//! the `Lab` removes its namespaces; both on drop, so also while a failed assertion unwinds.
+use std::{
+    io::{BufRead as _, BufReader, Read},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use npc_agent::dataplane::Maps;
+use npc_common::{Counter, Direction, DropReason, map_names};
+use npc_tests::lab::{Bridge, ConnectOutcome, Lab, Pod, ServerHandle, in_netns};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_npc-agent");
+/// How long a connection attempt may take: a dropped SYN shows as a timeout.
+const CONNECT: Duration = Duration::from_secs(1);
+/// How long the agent may take to log an expected line (loading includes the verifier).
+const LOG_WAIT: Duration = Duration::from_secs(10);
+/// How long the agent may take to exit after a signal.
+const EXIT_WAIT: Duration = Duration::from_secs(5);
+const PORT: u16 = 8080;
+
+// ---------------------------------------------------------------------------------------------
+// The lab: a bridge with pods a (client) and b (TCP echo server)
+// ---------------------------------------------------------------------------------------------
+
+/// Fields drop in order: the server, then the lab (which deletes the namespaces).
+struct Setup {
+    _server: ServerHandle,
+    a: Pod,
+    b: Pod,
+    bridge: Bridge,
+    lab: Lab,
+}
+
+fn setup() -> Setup {
+    let lab = Lab::new("agent").expect("creating the lab");
+    let bridge = lab
+        .add_bridge("br0", "10.77.0.1/24", None)
+        .expect("creating the bridge");
+    let a = lab
+        .add_pod_on_bridge(&bridge, "a", "10.77.0.2".parse().unwrap(), None)
+        .expect("creating pod a");
+    let b = lab
+        .add_pod_on_bridge(&bridge, "b", "10.77.0.3".parse().unwrap(), None)
+        .expect("creating pod b");
+    let server = b.serve_tcp(PORT).expect("serving TCP in pod b");
+    let setup = Setup {
+        _server: server,
+        a,
+        b,
+        bridge,
+        lab,
+    };
+    assert_eq!(
+        setup.a_to_b(),
+        ConnectOutcome::Connected,
+        "without the agent, a reaches b"
+    );
+    setup
+}
+
+impl Setup {
+    fn a_to_b(&self) -> ConnectOutcome {
+        self.a.connect_tcp(IpAddr::V4(self.b.ipv4), PORT, CONNECT)
+    }
+
+    fn add_pod(&self, name: &str, ip: &str) -> Pod {
+        self.lab
+            .add_pod_on_bridge(&self.bridge, name, ip.parse().unwrap(), None)
+            .unwrap_or_else(|e| panic!("creating pod {name}: {e:#}"))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agent process, as a guard
+// ---------------------------------------------------------------------------------------------
+
+/// How the agent enters the lab's node namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Enter {
+    /// Only the network namespace (`setns` before exec): the agent sees the host's
+    /// /sys/fs/bpf, so its pins are visible to the test and to `cleanup`.
+    Netns,
+    /// `ip netns exec NODE npc-agent ...`: a private mount namespace where /sys is remounted
+    /// and /sys/fs/bpf is no bpffs, so the agent mounts its own (gone when it exits).
+    IpNetnsExec,
+}
+
+/// Everything the agent wrote on stdout and stderr, line by line.
+#[derive(Default)]
+struct Output {
+    state: Mutex<OutputState>,
+    changed: Condvar,
+}
+
+impl Output {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutputState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Default)]
+struct OutputState {
+    lines: Vec<String>,
+    /// Streams at end of file (2: the agent is gone).
+    closed: usize,
+}
+
+/// A running `npc-agent run`; killed (SIGKILL) on drop, and its bpffs directory removed unless
+/// the test passed one in ([`Agent::start_in`]).
+struct Agent {
+    child: Child,
+    /// Set once the agent was reaped.
+    status: Option<ExitStatus>,
+    output: Arc<Output>,
+    readers: Vec<JoinHandle<()>>,
+    bpffs: PathBuf,
+    owns_bpffs: bool,
+    json: bool,
+}
+
+/// A bpffs directory shared by several agents in turn; removed on drop.
+struct BpffsDir(PathBuf);
+
+impl Drop for BpffsDir {
+    fn drop(&mut self) {
+        remove_bpffs(&self.0);
+    }
+}
+
+fn remove_bpffs(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        eprintln!("removing {}: {e}", dir.display());
+    }
+}
+
+/// A bpffs directory of its own for each agent: `/sys/fs/bpf/npc-agenttest-<pid>-<n>`.
+fn unique_bpffs() -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    PathBuf::from(format!(
+        "/sys/fs/bpf/npc-agenttest-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+impl Agent {
+    /// Starts `npc-agent --bpffs <unique> <args>` in the lab's node namespace.
+    fn start(lab: &Lab, enter: Enter, args: &[&str]) -> Agent {
+        Agent::spawn(lab, enter, unique_bpffs(), true, args)
+    }
+
+    /// Starts `npc-agent --bpffs <dir> <args>`: several agents in turn may use `dir`.
+    fn start_in(lab: &Lab, dir: &BpffsDir, args: &[&str]) -> Agent {
+        Agent::spawn(lab, Enter::Netns, dir.0.clone(), false, args)
+    }
+
+    fn spawn(lab: &Lab, enter: Enter, bpffs: PathBuf, owns_bpffs: bool, args: &[&str]) -> Agent {
+        let mut cmd = match enter {
+            Enter::Netns => Command::new(AGENT),
+            Enter::IpNetnsExec => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", lab.node_netns(), AGENT]);
+                cmd
+            }
+        };
+        cmd.arg("--bpffs")
+            .arg(&bpffs)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let spawned = match enter {
+            // The child inherits the network namespace of the thread that spawns it.
+            Enter::Netns => in_netns(lab.node_netns(), move || cmd.spawn()),
+            Enter::IpNetnsExec => cmd.spawn(),
+        };
+        let mut child = spawned.expect("spawning npc-agent");
+        let output = Arc::new(Output::default());
+        let readers = [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ]
+        .into_iter()
+        .map(|stream| {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    output.lock().lines.push(line);
+                    output.changed.notify_all();
+                }
+                output.lock().closed += 1;
+                output.changed.notify_all();
+            })
+        })
+        .collect();
+        Agent {
+            child,
+            status: None,
+            output,
+            readers,
+            bpffs,
+            owns_bpffs,
+            json: args.windows(2).any(|w| w == ["--log-format", "json"]),
+        }
+    }
+
+    fn pid(&self) -> libc::pid_t {
+        self.child.id() as libc::pid_t
+    }
+
+    /// The output so far, for failure messages.
+    fn log(&self) -> String {
+        self.output.lock().lines.join("\n")
+    }
+
+    /// Waits until a line satisfies `pred` and returns it; panics when none does within
+    /// [`LOG_WAIT`] or the agent exited (the guard then prints the agent's output).
+    fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + LOG_WAIT;
+        let mut state = self.output.lock();
+        let why = loop {
+            if let Some(line) = state.lines.iter().find(|l| pred(l)) {
+                return line.clone();
+            }
+            let now = Instant::now();
+            if state.closed == 2 {
+                break "the agent exited";
+            }
+            if now >= deadline {
+                break "timed out";
+            }
+            state = self
+                .output
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        };
+        // Never panic holding the lock: the guard needs it.
+        drop(state);
+        panic!("waiting for {what}: {why}");
+    }
+
+    /// Whether `line` is the log event `message` about interface `name`.
+    fn is_event(&self, line: &str, message: &str, name: &str) -> bool {
+        if self.json {
+            line.contains(&format!(r#""message":"{message}""#))
+                && line.contains(&format!(r#""name":"{name}""#))
+        } else {
+            // `... INFO npc_agent::run: attached ifindex=5 name=npc0-a mode=tcx`
+            line.contains(&format!(": {message} "))
+                && line.split_whitespace().any(|w| w == format!("name={name}"))
+        }
+    }
+
+    fn wait_attached(&self, veth: &str) -> String {
+        self.wait_for(&format!("the agent to attach to {veth}"), |l| {
+            self.is_event(l, "attached", veth)
+        })
+    }
+
+    fn wait_detached(&self, veth: &str) -> String {
+        self.wait_for(&format!("the agent to detach from {veth}"), |l| {
+            self.is_event(l, "detached: interface removed", veth)
+        })
+    }
+
+    fn has_attached(&self, veth: &str) -> bool {
+        self.output
+            .lock()
+            .lines
+            .iter()
+            .any(|l| self.is_event(l, "attached", veth))
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        assert!(self.status.is_none(), "the agent already exited");
+        // SAFETY: a plain syscall; the child is not reaped yet, so its pid is still its own.
+        let rc = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+
+    /// Waits for the agent to exit, within [`EXIT_WAIT`].
+    fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + EXIT_WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for the agent") {
+                self.status = Some(status);
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not exit within {EXIT_WAIT:?}; its output:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Still running?
+    fn running(&mut self) -> bool {
+        self.status.is_none()
+            && self
+                .child
+                .try_wait()
+                .expect("waiting for the agent")
+                .is_none()
+    }
+
+    /// The agent's maps, opened from their pins (only with [`Enter::Netns`]).
+    fn maps(&self) -> Maps {
+        Maps::open(&self.bpffs).expect("opening the agent's pinned maps")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        if self.owns_bpffs {
+            remove_bpffs(&self.bpffs);
+        }
+        if std::thread::panicking() {
+            eprintln!("npc-agent output:\n{}", self.log());
+        }
+    }
+}
+
+/// Runs the agent binary to completion (for `cleanup` and bad input) in the test's namespaces.
+fn agent_command(args: &[&str]) -> std::process::Output {
+    Command::new(AGENT)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running npc-agent")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+/// (a) Denying unknown endpoints: once attached to both host veths, a's SYN is dropped. Runs
+/// the agent the way users of the lab do, under `ip netns exec` (the agent mounts a bpffs).
+#[test]
+fn unknown_endpoints_deny_drops_once_attached() {
+    let s = setup();
+    let agent = Agent::start(
+        &s.lab,
+        Enter::IpNetnsExec,
+        &["run", "--unknown-endpoints", "deny"],
+    );
+    let line = agent.wait_attached(&s.a.host_veth);
+    assert!(
+        line.contains(&format!("ifindex={}", s.a.host_ifindex)),
+        "{line}"
+    );
+    assert!(
+        line.contains("mode=tcx") || line.contains("mode=clsact"),
+        "{line}"
+    );
+    agent.wait_attached(&s.b.host_veth);
+    assert_eq!(s.a_to_b(), ConnectOutcome::TimedOut);
+    // The bridge is no veth.
+    assert!(!agent.has_attached(&s.bridge.name), "{}", agent.log());
+}
+
+/// (b) A veth created after the agent started is attached too, and forgotten when deleted.
+#[test]
+fn veth_added_later_is_attached() {
+    let s = setup();
+    let mut agent = Agent::start(&s.lab, Enter::Netns, &["run"]);
+    agent.wait_attached(&s.a.host_veth);
+    agent.wait_attached(&s.b.host_veth);
+
+    let c = s.add_pod("c", "10.77.0.4");
+    agent.wait_attached(&c.host_veth);
+    assert_eq!(
+        c.connect_tcp(IpAddr::V4(s.b.ipv4), PORT, CONNECT),
+        ConnectOutcome::TimedOut
+    );
+    // Dropped as unknown endpoints (c's SYN leaving c, on c's host veth ingress), counted.
+    let dropped = agent
+        .maps()
+        .drop_total(DropReason::UnknownEndpoint, Direction::Egress)
+        .unwrap();
+    assert!(dropped > 0, "no unknown-endpoint drops counted");
+
+    s.lab
+        .exec(s.lab.node_netns(), &["ip", "link", "del", &c.host_veth])
+        .expect("deleting c's veth");
+    agent.wait_detached(&c.host_veth);
+    assert!(agent.running(), "{}", agent.log());
+}
+
+/// Veths that come and go faster than the agent can attach: attach failures are only warnings,
+/// every attachment is forgotten with its interface, and the agent goes on.
+#[test]
+fn veth_churn_is_survived() {
+    let s = setup();
+    let mut agent = Agent::start(&s.lab, Enter::Netns, &["run"]);
+    agent.wait_attached(&s.b.host_veth);
+    s.lab
+        .exec(
+            s.lab.node_netns(),
+            &[
+                "sh",
+                "-c",
+                "for i in $(seq 1 40); do ip link add chx$i type veth peer name chy$i; \
+                 ip link del chx$i; done",
+            ],
+        )
+        .expect("creating and deleting veths");
+    // Created after the churn: once it is attached, every churn event was handled.
+    let c = s.add_pod("c", "10.77.0.4");
+    agent.wait_attached(&c.host_veth);
+    assert!(agent.running(), "{}", agent.log());
+    let log = agent.log();
+    for i in 1..=40 {
+        for name in [format!("chx{i}"), format!("chy{i}")] {
+            let attached = log.lines().any(|l| agent.is_event(l, "attached", &name));
+            let detached = log
+                .lines()
+                .any(|l| agent.is_event(l, "detached: interface removed", &name));
+            assert_eq!(attached, detached, "{name}:\n{log}");
+        }
+    }
+    assert_eq!(
+        c.connect_tcp(IpAddr::V4(s.b.ipv4), PORT, CONNECT),
+        ConnectOutcome::TimedOut
+    );
+}
+
+/// (c) Allowing unknown endpoints: traffic flows through the attached programs, which count it.
+/// No subcommand (run is the default) and JSON logs.
+#[test]
+fn unknown_endpoints_allow_passes() {
+    let s = setup();
+    let agent = Agent::start(
+        &s.lab,
+        Enter::Netns,
+        &["--log-format", "json", "--unknown-endpoints", "allow"],
+    );
+    agent.wait_attached(&s.a.host_veth);
+    agent.wait_attached(&s.b.host_veth);
+    let passed_before = agent
+        .maps()
+        .counter(Counter::UnknownEndpointPassed)
+        .unwrap();
+    assert_eq!(s.a_to_b(), ConnectOutcome::Connected);
+    let passed = agent
+        .maps()
+        .counter(Counter::UnknownEndpointPassed)
+        .unwrap();
+    assert!(
+        passed > passed_before,
+        "the programs saw none of the traffic"
+    );
+}
+
+/// (d) SIGTERM: the agent exits 0 within seconds and its links go with it.
+#[test]
+fn sigterm_exits_cleanly_and_detaches() {
+    let s = setup();
+    let mut agent = Agent::start(&s.lab, Enter::Netns, &["run"]);
+    agent.wait_attached(&s.a.host_veth);
+    agent.wait_attached(&s.b.host_veth);
+    assert_eq!(s.a_to_b(), ConnectOutcome::TimedOut);
+
+    agent.signal(libc::SIGTERM);
+    let status = agent.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+    agent.wait_for("the shutdown log line", |l| {
+        l.contains("shutting down") && l.contains("SIGTERM")
+    });
+    assert_eq!(s.a_to_b(), ConnectOutcome::Connected);
+}
+
+/// (e) `cleanup` removes the pins a stopped agent left (after a SIGINT shutdown), says what it
+/// removed, and refuses directories that are not on a bpffs.
+#[test]
+fn cleanup_removes_the_pins() {
+    let s = setup();
+    let mut agent = Agent::start(&s.lab, Enter::Netns, &["run"]);
+    agent.wait_attached(&s.a.host_veth);
+    agent.signal(libc::SIGINT);
+    assert_eq!(agent.wait_exit().code(), Some(0), "{}", agent.log());
+    agent.wait_for("the shutdown log line", |l| {
+        l.contains("shutting down") && l.contains("SIGINT")
+    });
+
+    let dir = agent.bpffs.to_str().unwrap().to_owned();
+    let conntrack = agent.bpffs.join(map_names::CONNTRACK);
+    assert!(conntrack.exists(), "the maps stay pinned after the agent");
+    let out = agent_command(&["cleanup", "--bpffs", &dir]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.contains(&format!("removed {}", conntrack.display())),
+        "{stdout}"
+    );
+    assert!(!agent.bpffs.exists(), "{stdout}");
+
+    let out = agent_command(&["cleanup", "--bpffs", &dir]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("nothing to remove"),
+        "{out:?}"
+    );
+
+    // Not a bpffs: an error (exit 1), and nothing removed.
+    let not_bpffs = std::env::temp_dir().join(format!("npc-agenttest-{}", std::process::id()));
+    std::fs::create_dir_all(&not_bpffs).unwrap();
+    let keep = not_bpffs.join("keep");
+    std::fs::write(&keep, "x").unwrap();
+    let out = agent_command(&["cleanup", "--bpffs", not_bpffs.to_str().unwrap()]);
+    let kept = keep.exists();
+    let _ = std::fs::remove_dir_all(&not_bpffs);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not on a bpffs"),
+        "{out:?}"
+    );
+    assert!(kept, "cleanup removed files outside a bpffs");
+}
+
+/// (f) Bad command lines exit non-zero with a message naming the problem.
+#[test]
+fn bad_cli_input_is_rejected() {
+    for (args, expected) in [
+        (
+            &["run", "--unknown-endpoints", "maybe"][..],
+            "invalid value 'maybe' for '--unknown-endpoints",
+        ),
+        (
+            &["--host-traffic", "deny"],
+            "[possible values: allow, policy]",
+        ),
+        (&["run", "--conntrack-size", "0"], "'--conntrack-size <N>'"),
+        (&["--audit", "cleanup"], "'--audit' is an option of 'run'"),
+        (&["frobnicate"], "unrecognized subcommand 'frobnicate'"),
+    ] {
+        let out = agent_command(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(out.status.code().is_some(), "{args:?}: killed by a signal");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+/// `--interfaces` selects by name: only the matching veths get the datapath, also later ones.
+#[test]
+fn interfaces_glob_selects_by_name() {
+    let s = setup();
+    let agent = Agent::start(
+        &s.lab,
+        Enter::Netns,
+        &["run", "--interfaces", "npc1-*", "--interfaces", "npc?-c"],
+    );
+    assert_eq!(s.b.host_veth, "npc1-b", "the lab's naming changed");
+    agent.wait_attached(&s.b.host_veth);
+    let c = s.add_pod("c", "10.77.0.4");
+    agent.wait_attached(&c.host_veth);
+    // a's veth came before b's in the initial dump, and c's long after: never attached.
+    assert!(!agent.has_attached(&s.a.host_veth), "{}", agent.log());
+}
+
+/// A restarted agent reuses the pinned maps; one asking for another conntrack size fails with
+/// a clear error (exit 1) instead of silently using the old map.
+#[test]
+fn restart_reuses_the_pins() {
+    let s = setup();
+    let dir = BpffsDir(unique_bpffs());
+    let mut first = Agent::start_in(&s.lab, &dir, &["run"]);
+    first.wait_attached(&s.a.host_veth);
+    first.signal(libc::SIGTERM);
+    assert_eq!(first.wait_exit().code(), Some(0), "{}", first.log());
+
+    let second = Agent::start_in(&s.lab, &dir, &["run"]);
+    second.wait_attached(&s.a.host_veth);
+    second.wait_attached(&s.b.host_veth);
+    assert_eq!(s.a_to_b(), ConnectOutcome::TimedOut);
+    drop(second); // SIGKILL: the pins stay.
+
+    let mut third = Agent::start_in(&s.lab, &dir, &["run", "--conntrack-size", "1024"]);
+    assert_eq!(third.wait_exit().code(), Some(1), "{}", third.log());
+    third.wait_for("the error", |l| {
+        l.contains("npc-agent: error:") && l.contains(map_names::CONNTRACK)
+    });
+    assert_eq!(s.a_to_b(), ConnectOutcome::Connected);
+}
+
+/// The guard removes the agent's pins.
+#[test]
+fn guard_removes_its_bpffs() {
+    let dir;
+    {
+        let s = setup();
+        let agent = Agent::start(&s.lab, Enter::Netns, &["run"]);
+        agent.wait_attached(&s.a.host_veth);
+        dir = agent.bpffs.clone();
+        assert!(Path::new(&dir).exists());
+    }
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}
