@@ -1023,6 +1023,119 @@ fn valid_extension_chain_is_walked() {
 }
 
 #[test]
+fn eight_extension_headers_are_walked_nine_are_not() {
+    let mut w = World::new();
+    w.isolate(ID_B, ENDPOINT_INGRESS_ISOLATED);
+    w.allow(ID_B, ID_A, Ingress, tcp_port(80));
+    let l4 = L4::Tcp {
+        sport: 1,
+        dport: 80,
+        flags: SYN,
+    };
+    let eight: Vec<(u8, Vec<u8>)> = (0..8).map(|_| (60, ipv6_opts_header())).collect();
+    assert_eq!(
+        w.run(
+            Ingress,
+            &ipv6_with_extensions(ipa(A6), ipa(B6), &eight, &l4)
+        ),
+        Pass
+    );
+    let nine: Vec<(u8, Vec<u8>)> = (0..9).map(|_| (60, ipv6_opts_header())).collect();
+    assert_eq!(
+        w.run(Ingress, &ipv6_with_extensions(ipa(A6), ipa(B6), &nine, &l4)),
+        Drop
+    );
+    assert_eq!(w.drops(DropReason::Ipv6ExtensionChain, Ingress), 1);
+}
+
+#[test]
+fn ipv6_fragments_with_headers_after_the_fragment_header() {
+    let mut w = World::new();
+    w.isolate(ID_B, ENDPOINT_INGRESS_ISOLATED);
+    w.allow(
+        ID_B,
+        ID_A,
+        Ingress,
+        PortMatch::Range {
+            protocol: ipproto::UDP,
+            port: 53,
+            end_port: 53,
+        },
+    );
+    let ok = L4::Udp {
+        sport: 4000,
+        dport: 53,
+    };
+    let exts = [(44, ipv6_frag_header(5, 0, true)), (60, ipv6_opts_header())];
+    assert_eq!(
+        w.run(Ingress, &ipv6_with_extensions(ipa(A6), ipa(B6), &exts, &ok)),
+        Pass
+    );
+    // The later fragment names what follows its fragment header (destination options), as the
+    // first did.
+    let rest = L4::Raw {
+        protocol: 60,
+        payload: vec![0xab; 16],
+    };
+    let later = ipv6_with_extensions(
+        ipa(A6),
+        ipa(B6),
+        &[(44, ipv6_frag_header(5, 3, false))],
+        &rest,
+    );
+    assert_eq!(w.run(Ingress, &later), Pass);
+    assert_eq!(w.counter(Counter::FragmentsPassed), 1);
+}
+
+#[test]
+fn ipv6_fragment_header_past_the_payload_is_malformed() {
+    let w = World::new();
+    let rest = L4::Raw {
+        protocol: ipproto::UDP,
+        payload: vec![0xab; 16],
+    };
+    let mut later = ipv6_with_extensions(
+        ipa(A6),
+        ipa(B6),
+        &[(44, ipv6_frag_header(5, 3, false))],
+        &rest,
+    );
+    // Payload length 1: the fragment header lies in bytes after the payload.
+    later[ETH_HLEN + 4..ETH_HLEN + 6].copy_from_slice(&1u16.to_be_bytes());
+    assert_eq!(w.run(Egress, &later), Drop);
+    assert_eq!(w.drops(DropReason::Ipv6ExtensionChain, Egress), 1);
+}
+
+#[test]
+fn ipv4_mapped_ipv6_addresses_are_malformed() {
+    // They would alias the IPv4 endpoints (here: the node, which the host rule lets in).
+    let mut w = World::new();
+    w.isolate(ID_B, ENDPOINT_INGRESS_ISOLATED);
+    let mapped_node = ipa("::ffff:10.0.0.254");
+    assert_eq!(
+        w.run(Ingress, &tcp(mapped_node, 40000, ipa(B6), 80, SYN)),
+        Drop
+    );
+    assert_eq!(w.drops(DropReason::MalformedIpv6, Ingress), 1);
+}
+
+#[test]
+fn neighbour_discovery_needs_hop_limit_255() {
+    let mut w = World::new();
+    w.isolate(ID_B, ENDPOINT_INGRESS_ISOLATED);
+    let ns = ip_packet(ipa("fd00::9"), ipa(B6), 58, &[135, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(w.run(Ingress, &ns), Pass, "hop limit 255: link plumbing");
+    let mut routed = ns.clone();
+    routed[ETH_HLEN + 7] = 64;
+    assert_eq!(
+        w.run(Ingress, &routed),
+        Drop,
+        "hop limit 64: policed like any ICMPv6"
+    );
+    assert_eq!(w.drops(DropReason::PolicyDenied, Ingress), 1);
+}
+
+#[test]
 fn frames_the_kernel_refuses() {
     // BPF_PROG_TEST_RUN itself rejects frames shorter than an Ethernet header, so a zero-length
     // or 13-byte frame never reaches the program.

@@ -48,6 +48,13 @@ pub fn count_blocked(dir: Direction, protocol: u8, dport: u16, flags: u32) {
         return;
     }
     count(Counter::BlockedOverflow);
+    // One overflow cell per (direction, protocol class, audit): protocols without a class of
+    // their own share protocol 0. The agent creates them all up front.
+    let protocol = if ProtoClass::of(protocol) == ProtoClass::Other {
+        0
+    } else {
+        protocol
+    };
     let overflow = BlockedKey {
         dport: 0,
         direction: dir as u8,

@@ -2,6 +2,9 @@
 //! cannot starve the agent. Suppressed and lost events are counted, never silently dropped.
 use npc_common::{Config, Counter, DenyEvent, NS_PER_SEC};
 
+const MAX_REFILL_NS: u64 = 100 * NS_PER_SEC;
+const MAX_EVENTS_PER_SEC: u32 = 1_000_000;
+
 use crate::{
     counters::count,
     maps::{EVENT_RATE, EVENTS},
@@ -16,10 +19,12 @@ fn take_token(cfg: &Config, now: u64) -> bool {
     let rl = unsafe { &mut *rl };
     let cap = cfg.events_burst as u64 * NS_PER_SEC;
     // Tokens are scaled by NS_PER_SEC: one event costs NS_PER_SEC, and each elapsed nanosecond
-    // adds `events_per_sec`. Clamp the elapsed time first so the product cannot overflow.
-    let elapsed = now.saturating_sub(rl.last_ns).min(cap);
+    // adds `events_per_sec`. Bounding both factors keeps the product far from overflow (BPF has
+    // no 128-bit multiply for a saturating one): at most 100 s of refill is credited at once.
+    let elapsed = now.saturating_sub(rl.last_ns).min(MAX_REFILL_NS);
     rl.last_ns = now;
-    let tokens = (rl.tokens + elapsed * cfg.events_per_sec as u64).min(cap);
+    let refill = elapsed * (cfg.events_per_sec.min(MAX_EVENTS_PER_SEC) as u64);
+    let tokens = rl.tokens.saturating_add(refill).min(cap);
     if tokens >= NS_PER_SEC {
         rl.tokens = tokens - NS_PER_SEC;
         true

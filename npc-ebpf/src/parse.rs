@@ -62,6 +62,11 @@ pub struct Packet {
     pub fragment: Fragment,
     /// IPv4 identification or IPv6 fragment identification (when `fragment != None`).
     pub frag_id: u32,
+    /// The protocol fragments of this datagram are recorded under: the IPv4 protocol, or the
+    /// header after the IPv6 fragment header.
+    pub frag_protocol: u8,
+    /// IPv6 hop limit (neighbour discovery must arrive with 255, MLD with 1).
+    pub hop_limit: u8,
     /// The packet is an ICMP/ICMPv6 error (see `parse_quoted`).
     pub is_error: bool,
     pub v6: bool,
@@ -83,6 +88,8 @@ impl Packet {
             tcp_flags: 0,
             fragment: Fragment::None,
             frag_id: 0,
+            frag_protocol: 0,
+            hop_limit: 0,
             is_error: false,
             v6: false,
             l4_off: 0,
@@ -209,6 +216,7 @@ fn parse_ipv4(ctx: &TcContext, pkt: &mut Packet) -> Result<(), DropReason> {
         Fragment::None
     };
     pkt.protocol = h.protocol;
+    pkt.frag_protocol = h.protocol;
     pkt.frag_id = u16::from_be_bytes(h.id) as u32;
     if pkt.fragment != Fragment::Later {
         parse_l4(ctx, pkt, ETH_HLEN + ihl, ETH_HLEN + total, false)?;
@@ -227,16 +235,23 @@ fn parse_ipv6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), DropReason> {
     }
     load_addr(ctx, ETH_HLEN + 8, &mut pkt.src, true).map_err(|()| DropReason::MalformedIpv6)?;
     load_addr(ctx, ETH_HLEN + 24, &mut pkt.dst, true).map_err(|()| DropReason::MalformedIpv6)?;
+    // IPv4-mapped addresses never appear on the wire (RFC 4291); here they would alias the
+    // IPv4 endpoints the maps store in that form.
+    if is_v4_mapped(&pkt.src) || is_v4_mapped(&pkt.dst) {
+        return Err(DropReason::MalformedIpv6);
+    }
+    pkt.hop_limit = h[7];
     let end = ETH_HLEN + 40 + payload;
     pkt.protocol = h[6];
+    pkt.frag_protocol = h[6];
     let mut off = ETH_HLEN + 40;
-    let mut found_l4 = false;
-    if matches!(pkt.protocol, 0 | 43 | 44 | 51 | 60) {
+    if is_extension(pkt.protocol) {
         // Extension headers are rare: make room for a long chain at once (a constant length:
         // the verifier rejects what LLVM makes of a variable one in this loop).
         ensure_linear(ctx, ETH_HLEN + 40 + MAX_IPV6_EXT_BYTES);
     }
-    for _ in 0..MAX_IPV6_EXT_HEADERS {
+    // One more round than headers allowed: the last may only find the L4 protocol.
+    for _ in 0..=MAX_IPV6_EXT_HEADERS {
         match pkt.protocol {
             // Hop-by-hop, routing, destination options: length in 8-byte units, after the first 8.
             0 | 43 | 60 => {
@@ -248,14 +263,19 @@ fn parse_ipv6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), DropReason> {
             44 => {
                 let e: [u8; 8] = load(ctx, off, DropReason::Ipv6ExtensionChain)?;
                 pkt.protocol = e[0];
+                // Fragments of one datagram are matched on what follows the fragment header,
+                // which every fragment carries (the L4 protocol may sit behind more headers).
+                pkt.frag_protocol = e[0];
                 let frag_off = u16::from_be_bytes([e[2], e[3]]);
                 pkt.frag_id = u32::from_be_bytes([e[4], e[5], e[6], e[7]]);
                 off += 8;
+                if off > end {
+                    return Err(DropReason::Ipv6ExtensionChain);
+                }
                 if frag_off & 0xfff8 != 0 {
-                    // A later fragment carries no L4 header.
+                    // A later fragment carries no further headers.
                     pkt.fragment = Fragment::Later;
-                    found_l4 = true;
-                    break;
+                    return Ok(());
                 }
                 if frag_off & 1 != 0 {
                     pkt.fragment = Fragment::First;
@@ -267,22 +287,23 @@ fn parse_ipv6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), DropReason> {
                 pkt.protocol = e[0];
                 off += (e[1] as usize + 2) * 4;
             }
-            _ => {
-                found_l4 = true;
-                break;
-            }
+            _ => return parse_l4(ctx, pkt, off, end, true),
         }
         if off > end {
             return Err(DropReason::Ipv6ExtensionChain);
         }
     }
-    if !found_l4 {
-        return Err(DropReason::Ipv6ExtensionChain);
-    }
-    if pkt.fragment != Fragment::Later {
-        parse_l4(ctx, pkt, off, end, true)?;
-    }
-    Ok(())
+    Err(DropReason::Ipv6ExtensionChain)
+}
+
+#[inline(always)]
+fn is_extension(next_header: u8) -> bool {
+    matches!(next_header, 0 | 43 | 44 | 51 | 60)
+}
+
+#[inline(always)]
+fn is_v4_mapped(a: &IpBytes) -> bool {
+    a[..10] == [0; 10] && a[10] == 0xff && a[11] == 0xff
 }
 
 /// Reads the ports (or ICMP type and identifier) at `off`; `end` is where the IP payload ends.
@@ -328,7 +349,16 @@ fn parse_l4(
             let i: [u8; 6] = load(ctx, off, DropReason::MalformedL4)?;
             let ty = i[0];
             let (echo, error) = if v6 {
-                pkt.link_local_control = matches!(ty, 130..=137 | 143);
+                // Neighbour discovery only counts as such with hop limit 255 (RFC 4861), and
+                // MLD with hop limit 1 from a link-local source (RFC 2710, 3810): anything else
+                // is policed like any ICMPv6.
+                pkt.link_local_control = match ty {
+                    133..=137 => pkt.hop_limit == 255,
+                    130..=132 | 143 => {
+                        pkt.hop_limit == 1 && pkt.src[0] == 0xfe && pkt.src[1] & 0xc0 == 0x80
+                    }
+                    _ => false,
+                };
                 (ty == 128 || ty == 129, (1..=4).contains(&ty))
             } else {
                 (ty == 8 || ty == 0, matches!(ty, 3 | 4 | 11 | 12))

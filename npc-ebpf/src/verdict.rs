@@ -210,7 +210,7 @@ fn frag_key(pkt: &Packet) -> FragKey {
         src: pkt.src,
         dst: pkt.dst,
         id: pkt.frag_id,
-        protocol: pkt.protocol,
+        protocol: pkt.frag_protocol,
         _pad: [0; 3],
     }
 }

@@ -165,8 +165,9 @@ pub fn ip_packet(src: IpAddr, dst: IpAddr, protocol: u8, payload: &[u8]) -> Vec<
             eth.ipv4(s.octets(), d.octets(), 64)
                 .write(&mut out, IpNumber(protocol), payload)
         }
+        // Hop limit 255, as neighbour discovery requires (and any pod may send).
         (IpAddr::V6(s), IpAddr::V6(d)) => {
-            eth.ipv6(s.octets(), d.octets(), 64)
+            eth.ipv6(s.octets(), d.octets(), 255)
                 .write(&mut out, IpNumber(protocol), payload)
         }
         _ => panic!("mixed address families: {src} -> {dst}"),

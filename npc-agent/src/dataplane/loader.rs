@@ -11,6 +11,7 @@ use aya::{
         LinkOrder, SchedClassifier, TcAttach, TcAttachType,
         tc::{self, NlOptions, SchedClassifierLinkId},
     },
+    util::KernelVersion,
 };
 use npc_common::{Config, Direction, capacity, map_names, program_names};
 use tracing::{debug, info};
@@ -67,7 +68,12 @@ impl Datapath {
             .default_map_pin_directory(&opts.bpffs)
             .map_max_entries(map_names::CONNTRACK, opts.conntrack_capacity)
             .load(OBJECT)
-            .context("loading the eBPF object (is this root, with BPF and NET_ADMIN?)")?;
+            .with_context(|| {
+                format!(
+                    "loading the eBPF object with its maps under {}",
+                    opts.bpffs.display()
+                )
+            })?;
         for name in [program_names::FROM_POD, program_names::TO_POD] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -112,30 +118,25 @@ impl Datapath {
             .try_into()?)
     }
 
-    /// Attaches `from_pod` to the interface's ingress hook and `to_pod` to its egress hook.
-    /// Idempotent per ifindex.
+    /// Attaches `from_pod` to the interface's ingress hook and `to_pod` to its egress hook:
+    /// with tcx links on kernels that have them (>= 6.6), else as cls_bpf filters under a
+    /// clsact qdisc. Idempotent per ifindex.
     pub fn attach(&mut self, ifindex: u32) -> Result<AttachMode> {
         if let Some((mode, _)) = self.attached.get(&ifindex) {
             return Ok(*mode);
         }
-        let (mode, ids) = match self.attach_with(ifindex, AttachMode::Tcx) {
-            Ok(ids) => (AttachMode::Tcx, ids),
-            Err(tcx_err) => {
-                debug!(ifindex, error = %tcx_err, "tcx attach failed, trying clsact");
-                // An interface without tcx support (kernel < 6.6): cls_bpf under clsact.
-                match tc::qdisc_add_clsact(ifindex) {
-                    Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
-                    Err(e) => {
-                        return Err(tcx_err)
-                            .context(format!("clsact on {ifindex} failed too: {e}"));
-                    }
-                }
-                let ids = self
-                    .attach_with(ifindex, AttachMode::Clsact)
-                    .with_context(|| format!("attaching to interface {ifindex}"))?;
-                (AttachMode::Clsact, ids)
+        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        let mode = if tcx {
+            AttachMode::Tcx
+        } else {
+            match tc::qdisc_add_clsact(ifindex) {
+                Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
+                Err(e) => return Err(e).with_context(|| format!("adding clsact to {ifindex}")),
             }
+            AttachMode::Clsact
         };
+        let ids = self.attach_with(ifindex, mode)?;
+        debug!(ifindex, ?mode, "attached");
         self.attached.insert(ifindex, (mode, ids));
         Ok(mode)
     }

@@ -8,11 +8,11 @@ use aya::maps::{
     RingBuf, lpm_trie::Key,
 };
 use npc_common::{
-    BLOCKED_OVERFLOW, BlockedKey, CidrInfo, CidrKeyData, Config, Counter, CtEntry, CtKey,
-    DROPS_LEN, Direction, DropReason, EndpointInfo, EndpointKey, FragEntry, FragKey, InterfaceInfo,
-    POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL, PolicyEntry, PolicyKey,
-    ProtoClass, allowed_index, drop_index_parts, for_each_port_prefix, ip_bytes, ipproto,
-    map_names,
+    BLOCKED_AUDIT, BLOCKED_OVERFLOW, BlockedKey, CidrInfo, CidrKeyData, Config, Counter, CtEntry,
+    CtKey, DROPS_LEN, Direction, DropReason, EndpointInfo, EndpointKey, FragEntry, FragKey,
+    InterfaceInfo, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL,
+    PolicyEntry, PolicyKey, ProtoClass, allowed_index, drop_index_parts, for_each_port_prefix,
+    ip_bytes, ipproto, map_names,
 };
 
 /// Which protocols and ports a policy entry covers.
@@ -230,26 +230,30 @@ impl Maps {
         let ncpus = aya::util::nr_cpus()
             .map_err(|(_, e)| e)
             .context("counting CPUs")?;
+        // Protocols with a class of their own; the rest share protocol 0.
+        let protocols = [
+            ipproto::TCP,
+            ipproto::UDP,
+            ipproto::SCTP,
+            ipproto::ICMP,
+            ipproto::ICMPV6,
+            0,
+        ];
         for dir in Direction::ALL {
-            for protocol in [
-                ipproto::TCP,
-                ipproto::UDP,
-                ipproto::SCTP,
-                ipproto::ICMP,
-                ipproto::ICMPV6,
-                0,
-            ] {
-                let key = BlockedKey {
-                    dport: 0,
-                    direction: dir as u8,
-                    protocol,
-                    flags: BLOCKED_OVERFLOW,
-                };
-                if self.blocked.get(&key, 0).is_err() {
-                    let zeros = PerCpuValues::try_from(vec![0u64; ncpus.get() as usize])?;
-                    self.blocked
-                        .insert(&key, zeros, 0)
-                        .context("creating overflow cells")?;
+            for protocol in protocols {
+                for audit in [0, BLOCKED_AUDIT] {
+                    let key = BlockedKey {
+                        dport: 0,
+                        direction: dir as u8,
+                        protocol,
+                        flags: BLOCKED_OVERFLOW | audit,
+                    };
+                    if self.blocked.get(&key, 0).is_err() {
+                        let zeros = PerCpuValues::try_from(vec![0u64; ncpus.get() as usize])?;
+                        self.blocked
+                            .insert(&key, zeros, 0)
+                            .context("creating overflow cells")?;
+                    }
                 }
             }
         }
