@@ -2,6 +2,7 @@
 //!
 //! One module per task; `util` holds what they share (workspace root, running commands, timing).
 
+mod bench;
 mod setup;
 mod test;
 mod util;
@@ -28,12 +29,15 @@ enum Task {
     Setup,
     /// Setup, then fmt check, clippy and the workspace tests (release). Needs root.
     Test(test::Args),
+    /// Setup, then the datapath benchmark (ns per packet next to an empty program). Needs root.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().task {
         Task::Setup => setup::run(),
         Task::Test(args) => test::run(args),
+        Task::Bench(args) => bench::run(args),
     };
     // Errors here are messages for the user, not bugs: print the cause chain without the
     // backtrace anyhow would add when RUST_BACKTRACE is set (as in CI).
