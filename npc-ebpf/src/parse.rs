@@ -250,8 +250,7 @@ fn parse_ipv6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), DropReason> {
         // the verifier rejects what LLVM makes of a variable one in this loop).
         ensure_linear(ctx, ETH_HLEN + 40 + MAX_IPV6_EXT_BYTES);
     }
-    // One more round than headers allowed: the last may only find the L4 protocol.
-    for _ in 0..=MAX_IPV6_EXT_HEADERS {
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
         match pkt.protocol {
             // Hop-by-hop, routing, destination options: length in 8-byte units, after the first 8.
             0 | 43 | 60 => {
@@ -287,13 +286,17 @@ fn parse_ipv6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), DropReason> {
                 pkt.protocol = e[0];
                 off += (e[1] as usize + 2) * 4;
             }
-            _ => return parse_l4(ctx, pkt, off, end, true),
+            _ => break,
         }
         if off > end {
             return Err(DropReason::Ipv6ExtensionChain);
         }
     }
-    Err(DropReason::Ipv6ExtensionChain)
+    // After at most MAX_IPV6_EXT_HEADERS headers, the L4 protocol.
+    if is_extension(pkt.protocol) {
+        return Err(DropReason::Ipv6ExtensionChain);
+    }
+    parse_l4(ctx, pkt, off, end, true)
 }
 
 #[inline(always)]
