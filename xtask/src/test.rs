@@ -91,7 +91,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("==> summary");
     for (name, ok, took) in &results {
         let status = if *ok { "ok" } else { "FAILED" };
-        println!("    {name:<8} {status:<7} {}", util::secs(*took));
+        println!("    {name:<12} {status:<7} {}", util::secs(*took));
     }
     let failed: Vec<&str> = results
         .iter()
