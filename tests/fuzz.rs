@@ -757,24 +757,11 @@ enum FragRecord {
 }
 
 fn ct_key(local: IpBytes, remote: IpBytes, lport: u16, rport: u16, protocol: u8) -> CtKey {
-    CtKey {
-        local,
-        remote,
-        local_port: lport,
-        remote_port: rport,
-        protocol,
-        _pad: [0; 3],
-    }
+    CtKey::new(local, remote, lport, rport, protocol)
 }
 
 fn frag_key(src: IpBytes, dst: IpBytes, id: u32, protocol: u8) -> FragKey {
-    FragKey {
-        src,
-        dst,
-        id,
-        protocol,
-        _pad: [0; 3],
-    }
+    FragKey::new(src, dst, id, protocol)
 }
 
 fn has_ports(protocol: u8) -> bool {
@@ -2349,8 +2336,8 @@ fn final_checks(fz: &mut Fuzz, packets: usize, blocked_before_churn: String) -> 
             Some("a flow the model never passed")
         } else if e.opener > 1
             || e.flags & !known_flags != 0
-            || k._pad != [0; 3]
-            || e._pad != [0; 5]
+            || (k._pad0, k._pad1) != (0, 0)
+            || (e._pad0, e._pad1) != (0, 0)
         {
             Some("bad field")
         } else if e.generation > local.map_or(0, |ep| ep.generation) {

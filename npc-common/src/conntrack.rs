@@ -13,9 +13,32 @@ pub struct CtKey {
     /// Host byte order. 0 for ICMP.
     pub remote_port: u16,
     pub protocol: u8,
-    pub _pad: [u8; 3],
+    // Padding as scalars: an array would be zeroed by a `memset` call on the BPF target.
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 assert_layout!(CtKey, 40, 2);
+
+impl CtKey {
+    #[inline(always)]
+    pub const fn new(
+        local: IpBytes,
+        remote: IpBytes,
+        local_port: u16,
+        remote_port: u16,
+        protocol: u8,
+    ) -> CtKey {
+        CtKey {
+            local,
+            remote,
+            local_port,
+            remote_port,
+            protocol,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+}
 
 /// `conntrack` map value.
 #[repr(C)]
@@ -33,7 +56,8 @@ pub struct CtEntry {
     pub flags: u16,
     /// `Direction as u8` of the flow's first packet: whose policy admitted it.
     pub opener: u8,
-    pub _pad: [u8; 5],
+    pub _pad0: u8,
+    pub _pad1: u32,
 }
 assert_layout!(CtEntry, 32, 8);
 

@@ -10,9 +10,24 @@ pub struct FragKey {
     /// IPv4 identification (16 bits) or IPv6 fragment identification (32 bits).
     pub id: u32,
     pub protocol: u8,
-    pub _pad: [u8; 3],
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 assert_layout!(FragKey, 40, 4);
+
+impl FragKey {
+    #[inline(always)]
+    pub const fn new(src: IpBytes, dst: IpBytes, id: u32, protocol: u8) -> FragKey {
+        FragKey {
+            src,
+            dst,
+            id,
+            protocol,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+}
 
 /// `fragments` map value.
 #[repr(C)]

@@ -2,7 +2,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use npc_common::{
     CT_FIN_LOCAL, CT_FIN_REMOTE, CT_REFRESH_INTERVAL_NS, CT_REPLIED, CT_RST, CT_SYN_LOCAL,
-    CT_SYN_REMOTE, CtEntry, CtKey, Direction, IpBytes, ipproto,
+    CT_SYN_REMOTE, CtEntry, CtKey, Direction, ipproto,
 };
 
 use crate::{
@@ -14,24 +14,6 @@ use crate::{
 pub fn now_ns() -> u64 {
     // Coarse (jiffy resolution) is enough for timeouts and cheaper than bpf_ktime_get_ns.
     unsafe { bpf_ktime_get_coarse_ns() }
-}
-
-#[inline(always)]
-pub fn key(
-    local: IpBytes,
-    remote: IpBytes,
-    local_port: u16,
-    remote_port: u16,
-    protocol: u8,
-) -> CtKey {
-    CtKey {
-        local,
-        remote,
-        local_port,
-        remote_port,
-        protocol,
-        _pad: [0; 3],
-    }
 }
 
 /// A TCP segment that opens a connection (SYN without ACK).
@@ -98,7 +80,8 @@ pub fn create(
         rule,
         flags: flags | state_bits(pkt, dir, dir as u8),
         opener: dir as u8,
-        _pad: [0; 5],
+        _pad0: 0,
+        _pad1: 0,
     };
     CONNTRACK.insert(key, &entry, 0).is_ok()
 }

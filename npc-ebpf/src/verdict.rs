@@ -87,7 +87,7 @@ impl Flow<'_> {
 
     #[inline(always)]
     fn ct_key(&self) -> CtKey {
-        conntrack::key(
+        CtKey::new(
             *self.local(),
             *self.remote(),
             self.local_port(),
@@ -206,13 +206,7 @@ fn later_fragment(pkt: &Packet, dir: Direction) -> Result<i32, i32> {
 
 #[inline(always)]
 fn frag_key(pkt: &Packet) -> FragKey {
-    FragKey {
-        src: pkt.src,
-        dst: pkt.dst,
-        id: pkt.frag_id,
-        protocol: pkt.frag_protocol,
-        _pad: [0; 3],
-    }
+    FragKey::new(pkt.src, pkt.dst, pkt.frag_id, pkt.frag_protocol)
 }
 
 /// Remembers a first fragment's verdict for the rest of its datagram.
@@ -247,7 +241,7 @@ fn related_icmp_error(ctx: &TcContext, f: &Flow) -> bool {
         Direction::Egress => (&q.dst, &q.src, q.dport, q.sport),
     };
     if q_local == f.local() {
-        let key = conntrack::key(*q_local, *q_remote, q_lport, q_rport, q.protocol);
+        let key = CtKey::new(*q_local, *q_remote, q_lport, q_rport, q.protocol);
         if let Some(e) = unsafe { CONNTRACK.get(&key) } {
             return !e.expired(q.protocol, now_ns());
         }
