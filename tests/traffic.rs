@@ -4,7 +4,7 @@
 //! rejected), allowed ones must exchange data both ways, and the counters must match.
 use std::{net::IpAddr, time::Duration};
 
-use npc_agent::dataplane::PortMatch;
+use npc_agent::dataplane::{AttachMode, PortMatch};
 use npc_common::{
     Direction::*, DropReason, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, ENDPOINT_LOCAL,
     EndpointInfo, INTERFACE_POD, InterfaceInfo, ProtoClass, ipproto,
@@ -48,7 +48,17 @@ fn program(t: &mut TestDatapath, pod: &Pod, identity: u32, flags: u32) {
 }
 
 #[test]
-fn bridge_and_routed_pods() {
+fn bridge_and_routed_pods_tcx() {
+    bridge_and_routed_pods(AttachMode::Tcx);
+}
+
+/// The fallback for kernels without tcx, forced here.
+#[test]
+fn bridge_and_routed_pods_clsact() {
+    bridge_and_routed_pods(AttachMode::Clsact);
+}
+
+fn bridge_and_routed_pods(mode: AttachMode) {
     let lab = Lab::new("traffic").expect("lab");
     let br = lab
         .add_bridge("br0", "10.77.0.1/24", Some("fd77::1/64"))
@@ -97,7 +107,7 @@ fn bridge_and_routed_pods() {
         .collect();
 
     let (id_a, id_b, id_c, id_d) = (256, 257, 258, 259);
-    let mut t = TestDatapath::new(npc_common::Config::default());
+    let mut t = TestDatapath::with_attach_mode(npc_common::Config::default(), Some(mode));
     program(&mut t, &a, id_a, 0);
     // b: accepts a on TCP 8080 and UDP 5353, nothing else.
     program(&mut t, &b, id_b, ENDPOINT_INGRESS_ISOLATED);
@@ -126,7 +136,7 @@ fn bridge_and_routed_pods() {
 
     in_netns(lab.node_netns(), || {
         for pod in [&a, &b, &c, &d] {
-            t.dp.attach(pod.host_ifindex).expect("attach");
+            assert_eq!(t.dp.attach(pod.host_ifindex).expect("attach"), mode);
         }
     });
 
@@ -229,4 +239,12 @@ fn bridge_and_routed_pods() {
             "unexpected drop {d:?}"
         );
     }
+
+    // Detach in the node namespace: clsact filters are removed through netlink by ifindex, which
+    // would name another interface in this thread's namespace.
+    in_netns(lab.node_netns(), || {
+        for pod in [&a, &b, &c, &d] {
+            t.dp.detach(pod.host_ifindex);
+        }
+    });
 }

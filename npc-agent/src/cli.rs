@@ -12,7 +12,7 @@ use clap::{
 use npc_common::{CONFIG_ALLOW_HOST, CONFIG_AUDIT, CONFIG_UNKNOWN_ALLOW, Config, capacity};
 
 use crate::{
-    dataplane::LoadOptions,
+    dataplane::{AttachMode, LoadOptions},
     run::{InterfaceFilter, Options},
 };
 
@@ -141,6 +141,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub audit: bool,
 
+    /// How to attach to interfaces: tcx links (kernel >= 6.6) or cls_bpf filters under a clsact
+    /// qdisc; `auto` picks tcx where the kernel has it.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = AttachModeArg::Auto)]
+    pub attach_mode: AttachModeArg,
+
     /// Capacity of the conntrack table (flows). A conntrack map pinned by an earlier agent is
     /// reused only if it has this size: run `cleanup` first to change it.
     #[arg(
@@ -199,6 +204,11 @@ impl RunArgs {
                 bpffs,
                 conntrack_capacity: self.conntrack_size,
                 config,
+                attach_mode: match self.attach_mode {
+                    AttachModeArg::Auto => None,
+                    AttachModeArg::Tcx => Some(AttachMode::Tcx),
+                    AttachModeArg::Clsact => Some(AttachMode::Clsact),
+                },
             },
             interfaces: if self.interfaces.is_empty() {
                 InterfaceFilter::Veths
@@ -215,6 +225,16 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, with the event's fields at the top level.
     Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AttachModeArg {
+    /// tcx where the kernel has it (>= 6.6), else clsact.
+    Auto,
+    /// tcx links, first in the chain.
+    Tcx,
+    /// cls_bpf filters under a clsact qdisc.
+    Clsact,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -6,7 +6,7 @@ use std::{
 };
 
 use aya::programs::{TestRun, TestRunOptions};
-use npc_agent::dataplane::{Datapath, LoadOptions, remove_pins};
+use npc_agent::dataplane::{AttachMode, Datapath, LoadOptions, remove_pins};
 use npc_common::{Config, Direction, verdict};
 
 /// What a program did with a packet.
@@ -24,6 +24,11 @@ pub struct TestDatapath {
 impl TestDatapath {
     /// Loads a fresh datapath with `config`, pinned under a directory unique to this test.
     pub fn new(config: Config) -> TestDatapath {
+        TestDatapath::with_attach_mode(config, None)
+    }
+
+    /// Like `new`, attaching in `mode` (`None`: what the kernel supports best).
+    pub fn with_attach_mode(config: Config, mode: Option<AttachMode>) -> TestDatapath {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let dir = PathBuf::from(format!(
             "/sys/fs/bpf/npc-test-{}-{}",
@@ -32,6 +37,7 @@ impl TestDatapath {
         ));
         let mut opts = LoadOptions::new(&dir);
         opts.config = config;
+        opts.attach_mode = mode;
         // Small conntrack so many test datapaths fit in memory at once.
         opts.conntrack_capacity = 16_384;
         let dp = match Datapath::load(&opts) {

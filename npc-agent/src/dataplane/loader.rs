@@ -27,6 +27,8 @@ pub struct LoadOptions {
     pub bpffs: PathBuf,
     pub conntrack_capacity: u32,
     pub config: Config,
+    /// How to attach; `None`: tcx where the kernel has it (>= 6.6), else clsact.
+    pub attach_mode: Option<AttachMode>,
 }
 
 impl LoadOptions {
@@ -35,11 +37,12 @@ impl LoadOptions {
             bpffs: bpffs.into(),
             conntrack_capacity: capacity::CONNTRACK,
             config: Config::default(),
+            attach_mode: None,
         }
     }
 }
 
-/// How the programs were attached to an interface.
+/// How the programs are attached to interfaces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachMode {
     /// tcx links (kernel >= 6.6), placed first so policy runs before the CNI's programs.
@@ -53,6 +56,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     pub maps: Maps,
     bpffs: PathBuf,
+    mode: AttachMode,
     attached: HashMap<u32, (AttachMode, [SchedClassifierLinkId; 2])>,
 }
 
@@ -90,8 +94,21 @@ impl Datapath {
             ebpf,
             maps,
             bpffs: opts.bpffs.clone(),
+            mode: opts.attach_mode.unwrap_or_else(|| {
+                let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+                if tcx {
+                    AttachMode::Tcx
+                } else {
+                    AttachMode::Clsact
+                }
+            }),
             attached: HashMap::new(),
         })
+    }
+
+    /// How this datapath attaches to interfaces.
+    pub fn attach_mode(&self) -> AttachMode {
+        self.mode
     }
 
     pub fn bpffs(&self) -> &Path {
@@ -118,23 +135,20 @@ impl Datapath {
             .try_into()?)
     }
 
-    /// Attaches `from_pod` to the interface's ingress hook and `to_pod` to its egress hook:
-    /// with tcx links on kernels that have them (>= 6.6), else as cls_bpf filters under a
-    /// clsact qdisc. Idempotent per ifindex.
+    /// Attaches `from_pod` to the interface's ingress hook and `to_pod` to its egress hook, in
+    /// the datapath's attach mode (tcx links, or cls_bpf filters under a clsact qdisc).
+    /// Idempotent per ifindex.
     pub fn attach(&mut self, ifindex: u32) -> Result<AttachMode> {
         if let Some((mode, _)) = self.attached.get(&ifindex) {
             return Ok(*mode);
         }
-        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-        let mode = if tcx {
-            AttachMode::Tcx
-        } else {
+        let mode = self.mode;
+        if mode == AttachMode::Clsact {
             match tc::qdisc_add_clsact(ifindex) {
                 Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
                 Err(e) => return Err(e).with_context(|| format!("adding clsact to {ifindex}")),
             }
-            AttachMode::Clsact
-        };
+        }
         let ids = self.attach_with(ifindex, mode)?;
         debug!(ifindex, ?mode, "attached");
         self.attached.insert(ifindex, (mode, ids));
