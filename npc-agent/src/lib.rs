@@ -1,4 +1,5 @@
 //! The npc agent as a library: the binary (`main.rs`) and the integration tests use it.
 pub mod cli;
 pub mod dataplane;
+pub mod model;
 pub mod run;
