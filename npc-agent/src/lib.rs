@@ -1,5 +1,6 @@
 //! The npc agent as a library: the binary (`main.rs`) and the integration tests use it.
 pub mod cli;
+pub mod compiler;
 pub mod dataplane;
 pub mod model;
 pub mod run;
