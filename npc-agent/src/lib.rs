@@ -3,4 +3,5 @@ pub mod cli;
 pub mod compiler;
 pub mod dataplane;
 pub mod model;
+pub mod reconcile;
 pub mod run;

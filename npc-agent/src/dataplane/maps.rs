@@ -12,7 +12,7 @@ use npc_common::{
     CtKey, DROPS_LEN, Direction, DropReason, EndpointInfo, EndpointKey, FragEntry, FragKey,
     InterfaceInfo, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL,
     PolicyEntry, PolicyKey, ProtoClass, allowed_index, drop_index_parts, for_each_port_prefix,
-    ip_bytes, ipproto, map_names,
+    ip_bytes, ip_from_bytes, ipproto, map_names,
 };
 
 /// Which protocols and ports a policy entry covers.
@@ -215,6 +215,63 @@ impl Maps {
             })?;
         }
         Ok(())
+    }
+
+    /// Every `endpoints` entry.
+    pub fn endpoint_entries(&self) -> Result<Vec<(IpAddr, EndpointInfo)>> {
+        self.endpoints
+            .iter()
+            .map(|r| r.map(|(k, v)| (ip_from_bytes(k), v)))
+            .collect::<Result<_, _>>()
+            .context("reading endpoints")
+    }
+
+    /// Every `interfaces` entry (host veths of known pods).
+    pub fn interface_entries(&self) -> Result<Vec<u32>> {
+        self.interfaces
+            .keys()
+            .collect::<Result<_, _>>()
+            .context("reading interfaces")
+    }
+
+    /// Every `cidrs` entry as (prefix address, prefix length) -> identity.
+    pub fn cidr_entries(&self) -> Result<Vec<((IpAddr, u8), u32)>> {
+        let mut out = Vec::new();
+        for item in self.cidrs.iter() {
+            let (key, info) = item.context("reading cidrs")?;
+            let ip = ip_from_bytes(key.data());
+            let len = match ip {
+                IpAddr::V4(_) => key.prefix_len().saturating_sub(96),
+                IpAddr::V6(_) => key.prefix_len(),
+            };
+            out.push(((ip, len as u8), info.identity));
+        }
+        Ok(out)
+    }
+
+    /// Every `policy` entry, as raw LPM (prefix length, key) -> value.
+    pub fn policy_entries(&self) -> Result<Vec<((u32, PolicyKey), PolicyEntry)>> {
+        self.policy
+            .iter()
+            .map(|r| r.map(|(k, v)| ((k.prefix_len(), k.data()), v)))
+            .collect::<Result<_, _>>()
+            .context("reading policy")
+    }
+
+    pub fn insert_policy_raw(
+        &mut self,
+        prefix_len: u32,
+        key: PolicyKey,
+        entry: PolicyEntry,
+    ) -> Result<()> {
+        self.policy
+            .insert(&Key::new(prefix_len, key), &entry, 0)
+            .with_context(|| format!("writing policy {key:?}/{prefix_len}"))
+    }
+
+    pub fn remove_policy_raw(&mut self, prefix_len: u32, key: PolicyKey) -> Result<()> {
+        ignore_missing(self.policy.remove(&Key::new(prefix_len, key)))
+            .with_context(|| format!("removing policy {key:?}/{prefix_len}"))
     }
 
     pub fn set_config(&mut self, config: Config) -> Result<()> {
