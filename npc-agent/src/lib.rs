@@ -2,6 +2,7 @@
 pub mod cli;
 pub mod compiler;
 pub mod dataplane;
+pub mod http;
 pub mod model;
 pub mod reconcile;
 pub mod run;

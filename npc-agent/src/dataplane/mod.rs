@@ -1,10 +1,12 @@
 //! The dataplane: loads the eBPF object, pins its maps, attaches it to veths and offers a typed
 //! API over the maps.
+mod addresses;
 mod bpffs;
 pub mod links;
 mod loader;
 mod maps;
 
+pub use addresses::node_addresses;
 pub use bpffs::{ensure_bpffs, remove_pins};
 pub use loader::{AttachMode, Datapath, LoadOptions};
 pub use maps::{BlockedCount, DropCount, Maps, PortMatch, monotonic_ns};
