@@ -123,6 +123,41 @@ pub enum Command {
 #[derive(Clone, Debug, Args)]
 #[command(next_help_heading = "Datapath")]
 pub struct RunArgs {
+    /// Take Namespaces, Pods and NetworkPolicies from the YAML/JSON manifests in DIR (watched:
+    /// changes apply within a second) instead of the Kubernetes API.
+    #[arg(long, value_name = "DIR", help_heading = "Policy source")]
+    pub manifests: Option<PathBuf>,
+
+    /// This node's name: pods with this `spec.nodeName` are local. In manifests mode, when
+    /// absent every pod is local.
+    #[arg(
+        long,
+        env = "NODE_NAME",
+        value_name = "NAME",
+        help_heading = "Policy source"
+    )]
+    pub node_name: Option<String>,
+
+    /// Where pods' network namespaces are mounted, to learn which host veth carries which pod
+    /// (anti-spoofing); repeatable.
+    #[arg(
+        long = "netns-dir",
+        value_name = "DIR",
+        default_value = "/run/netns",
+        help_heading = "Policy source"
+    )]
+    pub netns_dirs: Vec<PathBuf>,
+
+    /// Address of the HTTP endpoint: /healthz, /readyz (200 once the initial policy state is
+    /// in the maps).
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "0.0.0.0:9090",
+        help_heading = "Observability"
+    )]
+    pub metrics_addr: std::net::SocketAddr,
+
     /// Attach to the interfaces whose name matches GLOB, whatever their kind (`*` matches any
     /// run of characters, `?` one character; repeatable) [default: every veth]
     #[arg(long = "interfaces", value_name = "GLOB")]
@@ -200,6 +235,10 @@ impl RunArgs {
     pub fn into_options(self, bpffs: PathBuf) -> Options {
         let config = self.config();
         Options {
+            manifests: self.manifests.clone(),
+            node_name: self.node_name.clone(),
+            netns_dirs: self.netns_dirs.clone(),
+            metrics_addr: self.metrics_addr,
             load: LoadOptions {
                 bpffs,
                 conntrack_capacity: self.conntrack_size,

@@ -35,7 +35,10 @@ async fn readyz(State(ready): State<Readiness>) -> (StatusCode, &'static str) {
     if ready.is_ready() {
         (StatusCode::OK, "ready\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "initial policy state not yet in the maps\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "initial policy state not yet in the maps\n",
+        )
     }
 }
 

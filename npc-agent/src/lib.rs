@@ -6,3 +6,5 @@ pub mod http;
 pub mod model;
 pub mod reconcile;
 pub mod run;
+pub mod sources;
+pub mod sync;

@@ -13,17 +13,29 @@ use npc_common::{CONFIG_ALLOW_HOST, CONFIG_AUDIT, CONFIG_UNKNOWN_ALLOW};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{debug, info, warn};
 
+use tokio::time::Instant;
+
 use crate::{
     cli::Glob,
     dataplane::{
         AttachMode, Datapath, LoadOptions,
         links::{Link, LinkEvent, watch_links},
     },
+    http::{self, Readiness},
+    sources::manifests::ManifestsSource,
+    sync::{COALESCE, PolicySync},
 };
 
 /// What [`run`] does; built from the command line by [`crate::cli::RunArgs::into_options`].
 #[derive(Clone, Debug)]
 pub struct Options {
+    /// The manifests directory (manifests mode); `None`: no policy source yet.
+    pub manifests: Option<PathBuf>,
+    pub node_name: Option<String>,
+    /// Where pod network namespaces are mounted.
+    pub netns_dirs: Vec<PathBuf>,
+    /// The HTTP endpoint (/healthz, /readyz).
+    pub metrics_addr: std::net::SocketAddr,
     /// Where and how to load the datapath (pin directory, conntrack size, runtime switches).
     pub load: LoadOptions,
     /// Which interfaces to attach to.
@@ -89,22 +101,67 @@ pub async fn run(opts: Options) -> Result<()> {
         events_burst = config.events_burst,
         "starting"
     );
+    let ready = Readiness::default();
+    http::serve(opts.metrics_addr, ready.clone()).await?;
     let datapath = Datapath::load(&opts.load)?;
     let mut links = watch_links()
         .await
         .context("watching the network interfaces")?;
     let mut attacher = Attacher::new(datapath, opts.interfaces);
 
+    let mut snapshots = match &opts.manifests {
+        Some(dir) => {
+            info!(dir = %dir.display(), node = ?opts.node_name, "policy source: manifests");
+            let source = ManifestsSource::new(dir.clone(), opts.node_name.clone());
+            Some(source.watch().await.context("reading the manifests")?)
+        }
+        None => {
+            warn!("no policy source (--manifests): only the datapath's defaults apply");
+            ready.set_ready();
+            None
+        }
+    };
+    let mut sync = PolicySync::new(&attacher.datapath.maps, opts.netns_dirs, ready.clone())?;
+    // When the next sync is due: a burst of changes (policies, pods, new veths) is applied once.
+    let mut due = snapshots.as_ref().map(|_| Instant::now());
+
     let result = loop {
+        let next_sync = async {
+            match due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             signal = signals.recv() => {
                 info!(signal, "shutting down");
                 break Ok(());
             }
             event = links.next() => match event {
-                Some(event) => attacher.handle(event),
+                Some(event) => {
+                    attacher.handle(event);
+                    // A new veth may be a pod's: learn it (anti-spoofing).
+                    if snapshots.is_some() {
+                        due.get_or_insert(Instant::now() + COALESCE);
+                    }
+                }
                 None => break Err(anyhow!("the network interface watch stopped")),
             },
+            changed = async { snapshots.as_mut().expect("guarded").changed().await }, if snapshots.is_some() => {
+                if changed.is_err() {
+                    break Err(anyhow!("the manifests watch stopped"));
+                }
+                due.get_or_insert(Instant::now() + COALESCE);
+            }
+            () = next_sync => {
+                due = None;
+                let snapshot = snapshots.as_mut().expect("a sync is only due with a source").borrow_and_update().clone();
+                if let Err(error) = sync.sync(&mut attacher.datapath.maps, &snapshot.state).await {
+                    // The maps keep their last good contents; try again shortly.
+                    warn!(error = format!("{error:#}"), "policy sync failed; retrying in 1 s");
+                    due = Some(Instant::now() + std::time::Duration::from_secs(1));
+                }
+            }
         }
     };
     attacher.detach_all();

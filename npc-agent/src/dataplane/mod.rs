@@ -5,6 +5,7 @@ mod bpffs;
 pub mod links;
 mod loader;
 mod maps;
+pub mod pod_veths;
 
 pub use addresses::node_addresses;
 pub use bpffs::{ensure_bpffs, remove_pins};

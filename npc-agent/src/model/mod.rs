@@ -1,6 +1,7 @@
 //! The cluster state the compiler works on: only what NetworkPolicy enforcement needs from
 //! Namespaces, Pods and NetworkPolicies, already validated. Every source (manifests directory,
 //! Kubernetes API) produces these types, so the compiler never sees raw API objects.
+pub mod convert;
 use std::{collections::BTreeMap, net::IpAddr};
 
 use ipnet::IpNet;
