@@ -15,17 +15,21 @@ use npc_tests::{
     packets::*,
 };
 
+mod compile;
 mod empty;
 
 struct Args {
     rounds: usize,
     repeat: u32,
+    /// Which benchmarks: `datapath`, `compile`, or both (none named).
+    only: Option<String>,
 }
 
 fn args() -> Result<Args> {
     let mut a = Args {
         rounds: 15,
         repeat: 200_000,
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -36,7 +40,10 @@ fn args() -> Result<Args> {
             }
             "--rounds" => a.rounds = it.next().context("--rounds N")?.parse()?,
             "--repeat" => a.repeat = it.next().context("--repeat N")?.parse()?,
-            other => bail!("unknown argument {other} (use --quick, --rounds N, --repeat N)"),
+            "datapath" | "compile" => a.only = Some(arg),
+            other => bail!(
+                "unknown argument {other} (use [datapath|compile] --quick, --rounds N, --repeat N)"
+            ),
         }
     }
     Ok(a)
@@ -49,6 +56,17 @@ fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
 
 fn main() -> Result<()> {
     let args = args()?;
+    if args.only.as_deref() != Some("datapath") {
+        compile::run(args.rounds.min(10))?;
+        println!();
+    }
+    if args.only.as_deref() == Some("compile") {
+        return Ok(());
+    }
+    datapath(&args)
+}
+
+fn datapath(args: &Args) -> Result<()> {
     let empty = empty::EmptyProgram::load()?;
 
     // A client A and an ingress-isolated server B that accepts A on TCP 80, plus
