@@ -763,7 +763,10 @@ impl std::fmt::Debug for Lab {
     }
 }
 
-fn lab_prefix(hint: &str) -> String {
+/// The prefix [`Lab::new`] derives from `hint`: a lab made with [`Lab::new`]`(hint)` as the
+/// `n`-th lab (from 0) of process `pid` is named `<lab_prefix(hint)>-<pid>-<n>`. Lets a
+/// process that spawned a lab-owning child know the lab's name before the child reports it.
+pub fn lab_prefix(hint: &str) -> String {
     let clean: String = hint
         .chars()
         .filter(|c| c.is_ascii_alphanumeric())

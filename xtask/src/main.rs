@@ -3,6 +3,8 @@
 //! One module per task; `util` holds what they share (workspace root, running commands, timing).
 
 mod bench;
+mod demo;
+mod lab;
 mod setup;
 mod test;
 mod util;
@@ -31,6 +33,12 @@ enum Task {
     Test(test::Args),
     /// Setup, then the datapath benchmark (ns per packet next to an empty program). Needs root.
     Bench(bench::Args),
+    /// A local "cluster" from manifests in network namespaces, enforced by the agent:
+    /// `lab up DIR`, `lab probe`, `lab down`. Needs root.
+    Lab(lab::Args),
+    /// Setup, build, and show the sock-shop's policies at work: the reachability matrix
+    /// before and after applying them. Needs root.
+    Demo(demo::Args),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +46,8 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Test(args) => test::run(args),
         Task::Bench(args) => bench::run(args),
+        Task::Lab(args) => lab::run(args),
+        Task::Demo(args) => demo::run(args),
     };
     // Errors here are messages for the user, not bugs: print the cause chain without the
     // backtrace anyhow would add when RUST_BACKTRACE is set (as in CI).
