@@ -678,6 +678,37 @@ fn revocation_after_generation_bump() {
 }
 
 #[test]
+fn a_revoked_connection_is_not_revived_by_the_other_side() {
+    let mut w = World::new();
+    w.isolate(ID_B, ENDPOINT_INGRESS_ISOLATED);
+    w.allow(ID_B, ID_A, Ingress, tcp_port(80));
+    assert_eq!(w.run(Ingress, &tcp(ipa(A), 40000, ipa(B), 80, SYN)), Pass);
+    w.t.dp
+        .maps
+        .revoke(ID_B, ID_A, Ingress, tcp_port(80))
+        .unwrap();
+    w.bump(ID_B);
+    assert_eq!(
+        w.run(Ingress, &tcp(ipa(A), 40000, ipa(B), 80, ACK)),
+        Drop,
+        "revoked"
+    );
+    // The server pushes (its egress is not isolated): that passes, but must not track the flow
+    // again, or the client's next segment would pass as a reply.
+    assert_eq!(
+        w.run(Egress, &tcp(ipa(B), 80, ipa(A), 40000, ACK)),
+        Pass,
+        "server push"
+    );
+    assert_eq!(
+        w.run(Ingress, &tcp(ipa(A), 40000, ipa(B), 80, ACK)),
+        Drop,
+        "still revoked"
+    );
+    assert_eq!(w.t.dp.maps.conntrack_len(), 0);
+}
+
+#[test]
 fn isolation_added_later_revokes_established_flows() {
     let mut w = World::new();
     assert_eq!(w.run(Ingress, &tcp(ipa(A), 40000, ipa(B), 80, SYN)), Pass);

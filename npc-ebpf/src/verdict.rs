@@ -302,7 +302,13 @@ fn new_flow(f: &Flow, track: bool) -> i32 {
             count_blocked(f.dir, f.pkt.protocol, port, BLOCKED_AUDIT);
             report(f, &d, f.dir, now, &cfg, DropReason::PolicyDenied, true);
         }
+        // A TCP segment that does not open a connection, passed only because this direction is
+        // not isolated, is not tracked: tracking it would let the other, isolated direction's
+        // packets through as "replies" of a flow nobody admitted (e.g. a revoked connection
+        // revived by the peer's retransmission). Its other direction is judged on its own.
+        let mid_stream = pkt_is_tcp(f.pkt) && !is_tcp_open(f.pkt);
         if track
+            && !(mid_stream && d.ct_flags & CT_UNISOLATED != 0)
             && !conntrack::create(
                 &f.ct_key(),
                 f.pkt,
@@ -322,6 +328,11 @@ fn new_flow(f: &Flow, track: bool) -> i32 {
     report(f, &d, f.dir, now, &cfg, DropReason::PolicyDenied, false);
     record_fragment(f.pkt, false, DropReason::PolicyDenied as u32);
     drop(DropReason::PolicyDenied, f.dir, f.pkt.protocol)
+}
+
+#[inline(always)]
+fn pkt_is_tcp(pkt: &Packet) -> bool {
+    pkt.protocol == npc_common::ipproto::TCP
 }
 
 #[inline(always)]
