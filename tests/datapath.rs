@@ -164,6 +164,19 @@ fn tcp_port(port: u16) -> PortMatch {
     }
 }
 
+/// B is ingress-isolated and accepts A on UDP 53 only.
+fn b_accepts_a_on_udp_53() -> World {
+    let mut w = World::new();
+    w.isolate(ID_B, ENDPOINT_INGRESS_ISOLATED);
+    let dns = PortMatch::Range {
+        protocol: ipproto::UDP,
+        port: 53,
+        end_port: 53,
+    };
+    w.allow(ID_B, ID_A, Ingress, dns);
+    w
+}
+
 fn ipa(s: &str) -> IpAddr {
     ip(s)
 }
@@ -737,18 +750,7 @@ fn syn_after_reset_is_checked_again() {
 
 #[test]
 fn ipv4_fragments_follow_the_first() {
-    let mut w = World::new();
-    w.isolate(ID_B, ENDPOINT_INGRESS_ISOLATED);
-    w.allow(
-        ID_B,
-        ID_A,
-        Ingress,
-        PortMatch::Range {
-            protocol: ipproto::UDP,
-            port: 53,
-            end_port: 53,
-        },
-    );
+    let w = b_accepts_a_on_udp_53();
     let ok = L4::Udp {
         sport: 4000,
         dport: 53,
@@ -791,18 +793,7 @@ fn ipv4_fragments_follow_the_first() {
 
 #[test]
 fn ipv6_fragments_follow_the_first() {
-    let mut w = World::new();
-    w.isolate(ID_B, ENDPOINT_INGRESS_ISOLATED);
-    w.allow(
-        ID_B,
-        ID_A,
-        Ingress,
-        PortMatch::Range {
-            protocol: ipproto::UDP,
-            port: 53,
-            end_port: 53,
-        },
-    );
+    let w = b_accepts_a_on_udp_53();
     let ok = L4::Udp {
         sport: 4000,
         dport: 53,
@@ -1081,18 +1072,7 @@ fn eight_extension_headers_are_walked_nine_are_not() {
 
 #[test]
 fn ipv6_fragments_with_headers_after_the_fragment_header() {
-    let mut w = World::new();
-    w.isolate(ID_B, ENDPOINT_INGRESS_ISOLATED);
-    w.allow(
-        ID_B,
-        ID_A,
-        Ingress,
-        PortMatch::Range {
-            protocol: ipproto::UDP,
-            port: 53,
-            end_port: 53,
-        },
-    );
+    let w = b_accepts_a_on_udp_53();
     let ok = L4::Udp {
         sport: 4000,
         dport: 53,

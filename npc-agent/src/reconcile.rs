@@ -394,6 +394,14 @@ mod tests {
         d
     }
 
+    /// `base` with b ingress-isolated (and no allowances yet).
+    fn isolated_b() -> Desired {
+        let mut d = base();
+        d.endpoints
+            .insert(ip("10.0.0.2"), local(B, ENDPOINT_INGRESS_ISOLATED));
+        d
+    }
+
     /// Plans `desired` from `realized`, applies the plan, and returns it.
     fn step(realized: &mut Realized, desired: &Desired, next: &mut u32) -> Vec<Op> {
         let veths = BTreeMap::from([(ip("10.0.0.1"), 11), (ip("10.0.0.2"), 12)]);
@@ -434,9 +442,7 @@ mod tests {
     fn a_new_policy_allows_before_it_isolates() {
         let (mut r, mut next) = (Realized::default(), 0);
         step(&mut r, &base(), &mut next);
-        let mut d = base();
-        d.endpoints
-            .insert(ip("10.0.0.2"), local(B, ENDPOINT_INGRESS_ISOLATED));
+        let mut d = isolated_b();
         allow_80(&mut d, B, A);
         let ops = step(&mut r, &d, &mut next);
         let put = position(&ops, is_policy_put);
@@ -459,9 +465,7 @@ mod tests {
     #[test]
     fn a_deleted_policy_unisolates_before_it_removes_allowances() {
         let (mut r, mut next) = (Realized::default(), 0);
-        let mut d = base();
-        d.endpoints
-            .insert(ip("10.0.0.2"), local(B, ENDPOINT_INGRESS_ISOLATED));
+        let mut d = isolated_b();
         allow_80(&mut d, B, A);
         step(&mut r, &d, &mut next);
         let ops = step(&mut r, &base(), &mut next);
@@ -476,9 +480,7 @@ mod tests {
     #[test]
     fn a_relabelled_pod_gets_its_new_allowances_before_its_new_identity() {
         let (mut r, mut next) = (Realized::default(), 0);
-        let mut d = base();
-        d.endpoints
-            .insert(ip("10.0.0.2"), local(B, ENDPOINT_INGRESS_ISOLATED));
+        let mut d = isolated_b();
         allow_80(&mut d, B, IDENTITY_ANY);
         step(&mut r, &d, &mut next);
         let mut d2 = base();
@@ -507,9 +509,7 @@ mod tests {
     #[test]
     fn generations_are_bumped_after_removals_and_never_reused() {
         let (mut r, mut next) = (Realized::default(), 0);
-        let mut d = base();
-        d.endpoints
-            .insert(ip("10.0.0.2"), local(B, ENDPOINT_INGRESS_ISOLATED));
+        let mut d = isolated_b();
         allow_80(&mut d, B, A);
         step(&mut r, &d, &mut next);
         let before = r.endpoints[&ip("10.0.0.2")].generation;
@@ -537,9 +537,7 @@ mod tests {
     #[test]
     fn a_peer_relabel_bumps_isolated_endpoints_only() {
         let (mut r, mut next) = (Realized::default(), 0);
-        let mut d = base();
-        d.endpoints
-            .insert(ip("10.0.0.2"), local(B, ENDPOINT_INGRESS_ISOLATED));
+        let mut d = isolated_b();
         d.endpoints.insert(
             ip("10.1.0.9"),
             DesiredEndpoint {

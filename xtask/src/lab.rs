@@ -66,6 +66,7 @@ pub fn exec_npc_lab(args: &[String], with_agent: bool) -> anyhow::Result<()> {
     if !help && matches!(sub, "up" | "demo") {
         setup::run()?;
     }
+    // One cargo invocation for both binaries.
     let mut build = command("cargo");
     build.args([
         "build",
@@ -76,20 +77,10 @@ pub fn exec_npc_lab(args: &[String], with_agent: bool) -> anyhow::Result<()> {
         "--bin",
         "npc-lab",
     ]);
-    util::run(&mut build)?;
     if with_agent {
-        let mut build = command("cargo");
-        build.args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "npc-agent",
-            "--bin",
-            "npc-agent",
-        ]);
-        util::run(&mut build)?;
+        build.args(["-p", "npc-agent", "--bin", "npc-agent"]);
     }
+    util::run(&mut build)?;
     let bin = target_dir().join("release").join("npc-lab");
     // npc-lab finds the agent next to itself (target/release/npc-agent).
     let err = Command::new(&bin)
