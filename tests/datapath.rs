@@ -6,11 +6,12 @@ use std::net::IpAddr;
 
 use npc_agent::dataplane::PortMatch;
 use npc_common::{
-    BLOCKED_AUDIT, BlockedKey, CONFIG_ALLOW_HOST, CONFIG_UNKNOWN_ALLOW, Config, Counter,
+    BLOCKED_AUDIT, BLOCKED_OVERFLOW, BlockedKey, CONFIG_ALLOW_HOST, CONFIG_UNKNOWN_ALLOW, Config,
+    Counter, CtKey, DENIED_REVOKED, DENIED_SYN, DenyEvent,
     Direction::{self, *},
     DropReason, ENDPOINT_AUDIT, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED,
     ENDPOINT_LOCAL, EndpointInfo, IDENTITY_ANY, IDENTITY_FIRST_CIDR, IDENTITY_HOST, INTERFACE_POD,
-    InterfaceInfo, ProtoClass, ipproto,
+    InterfaceInfo, ProtoClass, ip_bytes, ipproto,
 };
 use npc_tests::{
     datapath::{TestDatapath, Verdict::*, ip},
@@ -44,7 +45,11 @@ impl World {
     }
 
     fn with_config(config: Config) -> World {
-        let mut t = TestDatapath::new(config);
+        World::with_datapath(TestDatapath::new(config))
+    }
+
+    /// The test pods in a datapath loaded by the caller (e.g. with other load options).
+    fn with_datapath(mut t: TestDatapath) -> World {
         let m = &mut t.dp.maps;
         for (addr, id) in [(A, ID_A), (A6, ID_A), (B, ID_B), (B6, ID_B)] {
             m.set_endpoint(ip(addr), local(id, 0)).unwrap();
@@ -137,6 +142,59 @@ impl World {
             .find(|b| b.key == key)
             .map_or(0, |b| b.connections)
     }
+}
+
+impl World {
+    /// The deny events in the ring buffer (consumed).
+    fn events(&mut self) -> Vec<DenyEvent> {
+        let ring = self.t.dp.maps.events.as_mut().expect("events ring");
+        let mut out = Vec::new();
+        while let Some(item) = ring.next() {
+            assert!(item.len() >= size_of::<DenyEvent>(), "short event");
+            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const DenyEvent) });
+        }
+        out
+    }
+
+    /// The `denied` entry of a flow, keyed from the local endpoint's side.
+    fn denied_entry(
+        &self,
+        local: &str,
+        remote: &str,
+        lport: u16,
+        rport: u16,
+        protocol: u8,
+    ) -> Option<npc_common::DeniedEntry> {
+        let key = CtKey::new(
+            ip_bytes(ip(local)),
+            ip_bytes(ip(remote)),
+            lport,
+            rport,
+            protocol,
+        );
+        self.t.dp.maps.denied.get(&key, 0).ok()
+    }
+}
+
+/// Events on, at a rate no test reaches: every reported denial is in the ring buffer.
+fn events_config() -> Config {
+    Config {
+        events_per_sec: 1000,
+        events_burst: 1000,
+        ..Config::default()
+    }
+}
+
+/// A TCP segment with sequence number `seq` (the crafted ones carry 1000).
+fn tcp_seq(src: &str, sport: u16, dst: &str, dport: u16, flags: Tcp, seq: u32) -> Vec<u8> {
+    let mut f = tcp(ipa(src), sport, ipa(dst), dport, flags);
+    let l4 = if ipa(src).is_ipv6() {
+        ETH_HLEN + 40
+    } else {
+        ETH_HLEN + usize::from(f[ETH_HLEN] & 0x0f) * 4
+    };
+    f[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
+    f
 }
 
 fn local(identity: u32, flags: u32) -> EndpointInfo {
@@ -1196,4 +1254,303 @@ fn denied_connections_emit_rate_limited_events() {
         "burst of 3 (+1 refill at most): {submitted}"
     );
     assert_eq!(w.blocked(Ingress, ipproto::TCP, 80, 0), 10);
+}
+
+// ---- denied connections, not denied packets ----
+
+#[test]
+fn retransmitted_denied_syn_counts_one_blocked_connection() {
+    for (a, b) in [(A, B), (A6, B6)] {
+        let mut w = World::with_config(events_config());
+        w.isolate(ID_B, ENDPOINT_INGRESS_ISOLATED);
+        let syn = tcp_seq(a, 40000, b, 81, SYN, 7777);
+        for _ in 0..3 {
+            assert_eq!(w.run(Ingress, &syn), Drop, "{a}");
+        }
+        assert_eq!(
+            w.drops(DropReason::PolicyDenied, Ingress),
+            3,
+            "every packet dropped"
+        );
+        assert_eq!(w.blocked(Ingress, ipproto::TCP, 81, 0), 1, "one connection");
+        assert_eq!(w.counter(Counter::EventsSubmitted), 1);
+        let events = w.events();
+        assert_eq!(events.len(), 1, "one deny event");
+        let e = events[0];
+        assert_eq!(
+            (e.local, e.remote, e.local_port, e.remote_port),
+            (ip_bytes(ip(b)), ip_bytes(ip(a)), 81, 40000)
+        );
+        assert_eq!(e.reason, DropReason::PolicyDenied as u8);
+        assert_eq!(e.direction, Ingress as u8);
+        let d = w
+            .denied_entry(b, a, 81, 40000, ipproto::TCP)
+            .expect("denied entry");
+        assert_eq!((d.generation, d.tcp_seq, d.flags), (1, 7777, DENIED_SYN));
+        assert!(d.last_ns > 0);
+        assert_eq!(w.t.dp.maps.denied_entries().unwrap().len(), 1);
+        assert_eq!(
+            w.t.dp.maps.conntrack_len(),
+            0,
+            "denied flows are not tracked"
+        );
+    }
+}
+
+#[test]
+fn syn_with_a_new_isn_on_the_same_tuple_is_a_new_denied_connection() {
+    let mut w = World::with_config(events_config());
+    w.isolate(ID_B, ENDPOINT_INGRESS_ISOLATED);
+    let first = tcp_seq(A, 40000, B, 81, SYN, 1000);
+    let second = tcp_seq(A, 40000, B, 81, SYN, 900_000);
+    assert_eq!(w.run(Ingress, &first), Drop);
+    assert_eq!(w.run(Ingress, &first), Drop, "retransmission");
+    assert_eq!(w.run(Ingress, &second), Drop, "new attempt, new ISN");
+    assert_eq!(w.run(Ingress, &second), Drop, "its retransmission");
+    // A segment without SYN on the tuple repeats the connection (and keeps the recorded ISN).
+    assert_eq!(
+        w.run(Ingress, &tcp_seq(A, 40000, B, 81, ACK, 900_001)),
+        Drop
+    );
+    assert_eq!(w.run(Ingress, &second), Drop, "still a retransmission");
+    assert_eq!(w.drops(DropReason::PolicyDenied, Ingress), 6);
+    assert_eq!(w.blocked(Ingress, ipproto::TCP, 81, 0), 2);
+    assert_eq!(w.events().len(), 2);
+    let d = w.denied_entry(B, A, 81, 40000, ipproto::TCP).unwrap();
+    assert_eq!((d.tcp_seq, d.flags), (900_000, DENIED_SYN));
+}
+
+#[test]
+fn a_denied_segment_without_syn_then_a_syn_are_two_denied_connections() {
+    // The entry of a segment without SYN records no ISN: a SYN after it is a new attempt, even
+    // with sequence number 0.
+    let mut w = World::with_config(events_config());
+    w.isolate(ID_B, ENDPOINT_INGRESS_ISOLATED);
+    assert_eq!(w.run(Ingress, &tcp_seq(A, 40000, B, 81, ACK, 0)), Drop);
+    let d = w.denied_entry(B, A, 81, 40000, ipproto::TCP).unwrap();
+    assert_eq!((d.tcp_seq, d.flags), (0, 0));
+    assert_eq!(w.run(Ingress, &tcp_seq(A, 40000, B, 81, SYN, 0)), Drop);
+    assert_eq!(w.run(Ingress, &tcp_seq(A, 40000, B, 81, SYN, 0)), Drop);
+    // SYN-ACK is no connection opener: it repeats like any other segment.
+    assert_eq!(w.run(Ingress, &tcp_seq(A, 40000, B, 81, SYN_ACK, 5)), Drop);
+    assert_eq!(w.blocked(Ingress, ipproto::TCP, 81, 0), 2);
+    assert_eq!(w.events().len(), 2);
+    assert_eq!(w.drops(DropReason::PolicyDenied, Ingress), 4);
+}
+
+#[test]
+fn repeated_denied_datagrams_of_one_flow_count_once() {
+    let mut w = World::with_config(events_config());
+    w.isolate(ID_B, ENDPOINT_INGRESS_ISOLATED);
+    w.isolate(ID_A, ENDPOINT_EGRESS_ISOLATED);
+    for _ in 0..5 {
+        assert_eq!(w.run(Ingress, &udp(ipa(A), 5000, ipa(B), 54)), Drop);
+        assert_eq!(w.run(Egress, &udp(ipa(A6), 5000, ipa(B6), 54)), Drop);
+        assert_eq!(w.run(Egress, &echo(ipa(A), ipa(REMOTE), 9, false)), Drop);
+    }
+    assert_eq!(w.drops(DropReason::PolicyDenied, Ingress), 5);
+    assert_eq!(w.drops(DropReason::PolicyDenied, Egress), 10);
+    assert_eq!(w.blocked(Ingress, ipproto::UDP, 54, 0), 1);
+    assert_eq!(w.blocked(Egress, ipproto::UDP, 54, 0), 1);
+    assert_eq!(w.blocked(Egress, ipproto::ICMP, 0, 0), 1);
+    assert_eq!(w.events().len(), 3);
+    // Another source port is another flow; another echo identifier another "connection".
+    assert_eq!(w.run(Ingress, &udp(ipa(A), 5001, ipa(B), 54)), Drop);
+    assert_eq!(w.run(Egress, &echo(ipa(A), ipa(REMOTE), 10, false)), Drop);
+    assert_eq!(w.blocked(Ingress, ipproto::UDP, 54, 0), 2);
+    assert_eq!(w.blocked(Egress, ipproto::ICMP, 0, 0), 2);
+    assert_eq!(w.events().len(), 2);
+    let d = w.denied_entry(B, A, 54, 5000, ipproto::UDP).unwrap();
+    assert_eq!((d.generation, d.tcp_seq, d.flags), (1, 0, 0));
+}
+
+#[test]
+fn a_denied_flow_counts_again_after_a_generation_bump() {
+    let mut w = World::with_config(events_config());
+    w.isolate(ID_B, ENDPOINT_INGRESS_ISOLATED);
+    let syn = tcp(ipa(A), 40000, ipa(B), 81, SYN);
+    let dns = udp(ipa(A), 5000, ipa(B), 54);
+    assert_eq!(w.run(Ingress, &syn), Drop);
+    assert_eq!(w.run(Ingress, &dns), Drop);
+    let before = w.denied_entry(B, A, 81, 40000, ipproto::TCP).unwrap();
+    assert_eq!(before.generation, 1);
+    // B's policy changed (still denying): the next denial is judged under the new policy and
+    // counted again, once.
+    w.bump(ID_B);
+    for _ in 0..2 {
+        assert_eq!(w.run(Ingress, &syn), Drop);
+        assert_eq!(w.run(Ingress, &dns), Drop);
+    }
+    assert_eq!(w.blocked(Ingress, ipproto::TCP, 81, 0), 2);
+    assert_eq!(w.blocked(Ingress, ipproto::UDP, 54, 0), 2);
+    assert_eq!(w.events().len(), 4);
+    assert_eq!(w.drops(DropReason::PolicyDenied, Ingress), 6);
+    let after = w.denied_entry(B, A, 81, 40000, ipproto::TCP).unwrap();
+    assert_eq!(after.generation, 2);
+    assert!(after.last_ns >= before.last_ns);
+    // Another endpoint's bump does not matter.
+    w.bump(ID_A);
+    assert_eq!(w.run(Ingress, &syn), Drop);
+    assert_eq!(w.blocked(Ingress, ipproto::TCP, 81, 0), 2);
+}
+
+#[test]
+fn a_revoked_connection_counts_one_blocked_connection() {
+    let mut w = World::with_config(events_config());
+    w.isolate(ID_B, ENDPOINT_INGRESS_ISOLATED | ENDPOINT_EGRESS_ISOLATED);
+    w.allow(ID_B, ID_A, Ingress, tcp_port(80));
+    assert_eq!(w.run(Ingress, &tcp(ipa(A), 40000, ipa(B), 80, SYN)), Pass);
+    assert_eq!(
+        w.run(Egress, &tcp(ipa(B), 80, ipa(A), 40000, SYN_ACK)),
+        Pass
+    );
+    assert_eq!(w.run(Ingress, &tcp(ipa(A), 40000, ipa(B), 80, ACK)), Pass);
+    w.t.dp
+        .maps
+        .revoke(ID_B, ID_A, Ingress, tcp_port(80))
+        .unwrap();
+    w.bump(ID_B);
+    assert_eq!(
+        w.run(Ingress, &tcp(ipa(A), 40000, ipa(B), 80, ACK)),
+        Drop,
+        "revoked"
+    );
+    // The client keeps sending, and the server too (its egress denies the untracked flow): one
+    // connection, one event.
+    for _ in 0..3 {
+        assert_eq!(w.run(Ingress, &tcp(ipa(A), 40000, ipa(B), 80, ACK)), Drop);
+        assert_eq!(w.run(Egress, &tcp(ipa(B), 80, ipa(A), 40000, ACK)), Drop);
+        assert_eq!(
+            w.run(Ingress, &tcp(ipa(A), 40000, ipa(B), 80, FIN_ACK)),
+            Drop
+        );
+    }
+    assert_eq!(w.drops(DropReason::PolicyRevoked, Ingress), 1);
+    assert_eq!(w.drops(DropReason::PolicyDenied, Ingress), 6);
+    assert_eq!(w.drops(DropReason::PolicyDenied, Egress), 3);
+    assert_eq!(
+        w.blocked(Ingress, ipproto::TCP, 80, 0),
+        1,
+        "the revoked one"
+    );
+    assert_eq!(
+        w.t.dp
+            .maps
+            .blocked()
+            .unwrap()
+            .iter()
+            .map(|b| b.connections)
+            .sum::<u64>(),
+        1,
+        "nothing else: {:?}",
+        w.t.dp.maps.blocked().unwrap()
+    );
+    let events = w.events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].reason, DropReason::PolicyRevoked as u8);
+    assert_eq!(events[0].direction, Ingress as u8);
+    let d = w.denied_entry(B, A, 80, 40000, ipproto::TCP).unwrap();
+    assert_eq!((d.generation, d.flags), (2, DENIED_REVOKED));
+    assert_eq!(w.t.dp.maps.conntrack_len(), 0);
+    // A new connect on the same tuple (a SYN, which records its ISN) is a new denied connection.
+    assert_eq!(w.run(Ingress, &tcp(ipa(A), 40000, ipa(B), 80, SYN)), Drop);
+    assert_eq!(w.blocked(Ingress, ipproto::TCP, 80, 0), 2);
+}
+
+#[test]
+fn a_revoked_connection_opened_by_the_pod_counts_under_its_egress() {
+    // A opened the flow under its egress policy; once revoked, the server's replies arrive as
+    // untracked packets that A's ingress policy denies: they repeat the revoked connection.
+    let mut w = World::with_config(events_config());
+    w.isolate(ID_A, ENDPOINT_INGRESS_ISOLATED | ENDPOINT_EGRESS_ISOLATED);
+    w.allow(ID_A, ID_REMOTE, Egress, tcp_port(443));
+    assert_eq!(
+        w.run(Egress, &tcp(ipa(A), 40000, ipa(REMOTE), 443, SYN)),
+        Pass
+    );
+    assert_eq!(
+        w.run(Ingress, &tcp(ipa(REMOTE), 443, ipa(A), 40000, SYN_ACK)),
+        Pass
+    );
+    w.t.dp
+        .maps
+        .revoke(ID_A, ID_REMOTE, Egress, tcp_port(443))
+        .unwrap();
+    w.bump(ID_A);
+    assert_eq!(
+        w.run(Ingress, &tcp(ipa(REMOTE), 443, ipa(A), 40000, ACK)),
+        Drop,
+        "revoked, on the reply"
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            w.run(Ingress, &tcp(ipa(REMOTE), 443, ipa(A), 40000, ACK)),
+            Drop
+        );
+        assert_eq!(
+            w.run(Egress, &tcp(ipa(A), 40000, ipa(REMOTE), 443, ACK)),
+            Drop
+        );
+    }
+    assert_eq!(w.drops(DropReason::PolicyRevoked, Ingress), 1);
+    assert_eq!(
+        w.blocked(Egress, ipproto::TCP, 443, 0),
+        1,
+        "the opener's port"
+    );
+    assert_eq!(w.blocked(Ingress, ipproto::TCP, 40000, 0), 0);
+    let events = w.events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        (events[0].reason, events[0].direction),
+        (DropReason::PolicyRevoked as u8, Egress as u8)
+    );
+}
+
+#[test]
+fn audit_mode_still_counts_every_new_flow() {
+    // Audit passes and tracks the flow: its retransmissions are conntrack hits, not new flows.
+    let mut w = World::with_config(events_config());
+    w.isolate(ID_B, ENDPOINT_INGRESS_ISOLATED | ENDPOINT_AUDIT);
+    let syn = tcp(ipa(A), 40000, ipa(B), 81, SYN);
+    for _ in 0..3 {
+        assert_eq!(w.run(Ingress, &syn), Pass);
+    }
+    assert_eq!(w.blocked(Ingress, ipproto::TCP, 81, BLOCKED_AUDIT), 1);
+    assert_eq!(w.counter(Counter::AuditWouldBlock), 1);
+    assert_eq!(w.events().len(), 1);
+    assert!(w.t.dp.maps.denied_entries().unwrap().is_empty());
+}
+
+#[test]
+fn a_small_blocked_map_counts_further_ports_in_the_overflow_cell() {
+    let t = TestDatapath::with_options(Config::default(), |o| o.blocked_capacity = 2);
+    let mut w = World::with_datapath(t);
+    w.isolate(ID_B, ENDPOINT_INGRESS_ISOLATED);
+    for port in [81, 82, 83, 84, 85] {
+        for _ in 0..2 {
+            assert_eq!(w.run(Ingress, &tcp(ipa(A), 40000, ipa(B), port, SYN)), Drop);
+        }
+    }
+    // A second connection to a port that has its cell, and a UDP port (the map is full).
+    assert_eq!(w.run(Ingress, &tcp(ipa(A), 40001, ipa(B), 81, SYN)), Drop);
+    assert_eq!(w.run(Ingress, &udp(ipa(A), 5000, ipa(B), 54)), Drop);
+    assert_eq!(w.blocked(Ingress, ipproto::TCP, 81, 0), 2);
+    assert_eq!(w.blocked(Ingress, ipproto::TCP, 82, 0), 1);
+    for port in [83, 84, 85] {
+        assert_eq!(w.blocked(Ingress, ipproto::TCP, port, 0), 0, "port {port}");
+    }
+    assert_eq!(w.blocked(Ingress, ipproto::TCP, 0, BLOCKED_OVERFLOW), 3);
+    assert_eq!(w.blocked(Ingress, ipproto::UDP, 0, BLOCKED_OVERFLOW), 1);
+    assert_eq!(w.blocked(Ingress, ipproto::UDP, 54, 0), 0);
+    assert_eq!(w.counter(Counter::BlockedOverflow), 4);
+    assert_eq!(w.drops(DropReason::PolicyDenied, Ingress), 12);
+    // The default size takes them all.
+    let mut w = World::new();
+    w.isolate(ID_B, ENDPOINT_INGRESS_ISOLATED);
+    for port in 81..=85 {
+        assert_eq!(w.run(Ingress, &tcp(ipa(A), 40000, ipa(B), port, SYN)), Drop);
+        assert_eq!(w.blocked(Ingress, ipproto::TCP, port, 0), 1);
+    }
+    assert_eq!(w.counter(Counter::BlockedOverflow), 0);
 }

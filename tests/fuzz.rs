@@ -25,7 +25,11 @@
 //! - the verdict is PASS or DROP, and one the model allows for that frame and state;
 //! - a Drop increments exactly one `drops` cell, one the model allows (reason and protocol
 //!   class); a Pass increments none (every cell is compared with a shadow copy every
-//!   `NPC_FUZZ_CHECK_EVERY` runs: total drops == Drop verdicts, per direction and per cell).
+//!   `NPC_FUZZ_CHECK_EVERY` runs: total drops == Drop verdicts, per direction and per cell);
+//! - a `policy_denied` or `policy_revoked` drop leaves the flow's `denied` entry as the model
+//!   predicts (generation, SYN sequence number, flags), and the model decides from its copy of
+//!   the `denied` map whether the drop starts a new denied connection or repeats one (see
+//!   "Denied connections" below).
 //!
 //! And at the end, with every map read back:
 //! - non-first fragments passed == `fragments_passed`; `unknown_endpoint_passed` == 0 (the
@@ -37,18 +41,34 @@
 //!   positive); allowed connections per (direction, protocol class) are at most the passes that
 //!   reached the policy stage in that cell;
 //! - every deny report is accounted for: `events_submitted + events_rate_limited + events_lost`
-//!   == `policy_denied + policy_revoked` drops + `audit_would_block`, and every submitted event
-//!   is read back from the ring buffer and is consistent (reason, direction, local endpoint and
-//!   identity, audit flag, remote identity);
+//!   == the model's denied connections (new ones, revocations included, not their repeated
+//!   packets) + `audit_would_block`, and every submitted event is read back from the ring buffer
+//!   and is consistent (reason, direction, local endpoint and identity, audit flag, remote
+//!   identity);
 //! - every overflow increment (`blocked_overflow`) lands in one of the overflow cells the agent
-//!   creates; the enforcing `blocked` cells add up to the `policy_denied` drops exactly, the
-//!   audit ones to `audit_would_block` exactly before the first generation bump and at most to it
-//!   after (a re-check in audit counts `audit_would_block` but no `blocked` cell);
+//!   creates; the enforcing `blocked` cells add up to the model's denied connections per
+//!   (direction, protocol class) exactly, the audit ones to `audit_would_block` exactly before
+//!   the first generation bump and at most to it after (a re-check in audit counts
+//!   `audit_would_block` but no `blocked` cell);
+//! - every `denied` map entry is one the model made, with the fields it expects;
 //! - every conntrack entry belongs to a local endpoint, is one the model says may exist, and has
 //!   sane fields; every fragment record matches the model's;
 //! - with at least 50,000 frames, every drop reason but `truncated_ethernet` (the kernel never runs
 //!   such frames) was counted, and so were deny events (submitted and rate-limited), ICMP errors
 //!   of tracked flows, passed fragments, audit passes, re-checks and conntrack hits.
+//!
+//! Denied connections: the datapath counts (in `blocked`) and reports a denied connection once,
+//! not each of its packets (a retransmitted SYN, a resent datagram, the packets after a
+//! revocation). The model keeps a copy of the `denied` map (keyed like conntrack, from the local
+//! endpoint's side) and applies the datapath's rule: a drop repeats a connection if the flow's
+//! entry has the endpoint's current generation, was refreshed less than
+//! `DENIED_REPEAT_WINDOW_NS` ago, and, for a TCP SYN without ACK, records a SYN with the same
+//! sequence number. A new one counts under the run's direction, a revocation under the
+//! direction that opened the flow. Two things the model cannot know are read from the maps just
+//! before a run that may be a policy drop: whether the LRU map evicted the flow's entry (then it
+//! is a new connection), and the opener of the flow's conntrack entry. A repeat within a second
+//! of the window's end is allowed either way (the model's clock is not the datapath's); with the
+//! default frame count the window never ends inside a run.
 //!
 //! Deny events: the ring buffer is not read before the first churn, so it fills up and events
 //! are lost; after it, the rate is lowered so events are rate-limited, and they are read at every
@@ -74,7 +94,7 @@ use std::{
     collections::{HashMap, HashSet},
     fmt::Write as _,
     net::IpAddr,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use aya::programs::{ProgramError, TestRun, TestRunOptions};
@@ -82,11 +102,12 @@ use npc_agent::dataplane::PortMatch;
 use npc_common::{
     BLOCKED_AUDIT, BLOCKED_OVERFLOW, CONFIG_ALLOW_HOST, CONFIG_AUDIT, CONFIG_UNKNOWN_ALLOW,
     CT_AUDIT, CT_FIN_LOCAL, CT_FIN_REMOTE, CT_REPLIED, CT_RST, CT_SYN_LOCAL, CT_SYN_REMOTE,
-    CT_UNISOLATED, Config, Counter, CtKey, DROPS_LEN, DenyEvent, Direction, DropReason,
-    ENDPOINT_AUDIT, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, ENDPOINT_LOCAL,
-    EVENT_AUDIT, EndpointInfo, FragKey, IDENTITY_ANY, IDENTITY_FIRST_CIDR, IDENTITY_HOST,
-    IDENTITY_NONE, INTERFACE_POD, InterfaceInfo, IpBytes, ProtoClass, drop_index, drop_index_parts,
-    ip_bytes, ipproto, ipv4_mapped, verdict,
+    CT_UNISOLATED, Config, Counter, CtKey, DENIED_REPEAT_WINDOW_NS, DENIED_REVOKED, DENIED_SYN,
+    DROPS_LEN, DeniedEntry, DenyEvent, Direction, DropReason, ENDPOINT_AUDIT,
+    ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, ENDPOINT_LOCAL, EVENT_AUDIT, EndpointInfo,
+    FragKey, IDENTITY_ANY, IDENTITY_FIRST_CIDR, IDENTITY_HOST, IDENTITY_NONE, INTERFACE_POD,
+    InterfaceInfo, IpBytes, ProtoClass, drop_index, drop_index_parts, ip_bytes, ipproto,
+    ipv4_mapped, verdict,
 };
 use npc_tests::{
     datapath::{TestDatapath, ip},
@@ -465,6 +486,9 @@ struct Pkt {
     /// Ports, or the echo identifier in both.
     sport: u16,
     dport: u16,
+    /// TCP flags and sequence number (0 for other protocols).
+    tcp_flags: u8,
+    tcp_seq: u32,
     frag: Frag,
     frag_id: u32,
     /// The protocol fragments are recorded and matched under: IPv4's, or the next header an IPv6
@@ -626,6 +650,8 @@ fn parse_l4(pkt: &mut Pkt, p: &[u8], at: usize, v6: bool) -> Result<(), DropReas
             }
             pkt.sport = be16(p, 0);
             pkt.dport = be16(p, 2);
+            pkt.tcp_seq = be32(p, 4);
+            pkt.tcp_flags = p[13];
         }
         ipproto::UDP | ipproto::SCTP => {
             let hlen = if pkt.protocol == ipproto::UDP { 8 } else { 12 };
@@ -812,6 +838,89 @@ fn expect_later(frags: &HashMap<FragKey, FragRecord>, p: &Pkt, class: ProtoClass
     }
 }
 
+/// The model's copy of a `denied` map entry (`DeniedEntry`): a flow whose last packet was denied.
+#[derive(Clone, Copy, Debug)]
+struct DeniedRec {
+    generation: u32,
+    /// The ISN of the denied SYN (without ACK) it records, if any.
+    syn_seq: Option<u32>,
+    /// Made by a revocation.
+    revoked: bool,
+    /// When a packet of the flow was last denied (taken just before that run).
+    last: Instant,
+}
+
+impl DeniedRec {
+    /// (generation, tcp_seq, flags) as the datapath writes them.
+    fn fields(&self) -> (u32, u32, u32) {
+        let flags = if self.syn_seq.is_some() {
+            DENIED_SYN
+        } else {
+            0
+        } | if self.revoked { DENIED_REVOKED } else { 0 };
+        (self.generation, self.syn_seq.unwrap_or(0), flags)
+    }
+
+    fn from_entry(e: &DeniedEntry, last: Instant) -> DeniedRec {
+        DeniedRec {
+            generation: e.generation,
+            syn_seq: (e.flags & DENIED_SYN != 0).then_some(e.tcp_seq),
+            revoked: e.flags & DENIED_REVOKED != 0,
+            last,
+        }
+    }
+}
+
+fn entry_fields(e: &DeniedEntry) -> (u32, u32, u32) {
+    (e.generation, e.tcp_seq, e.flags)
+}
+
+/// Whether a denied packet repeats the denied connection its flow's entry records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Repeat {
+    No,
+    Yes,
+    /// Within a second of the end of the repeat window (the model's clock is not the
+    /// datapath's): either.
+    Maybe,
+}
+
+/// The datapath's rule (`DeniedEntry::repeated_by`): an entry of the same endpoint generation,
+/// refreshed less than `DENIED_REPEAT_WINDOW_NS` ago, and for a SYN without ACK one recorded
+/// from a SYN with the same sequence number.
+fn repeats(rec: Option<&DeniedRec>, generation: u32, syn_seq: Option<u32>, now: Instant) -> Repeat {
+    let Some(r) = rec else {
+        return Repeat::No;
+    };
+    if r.generation != generation || syn_seq.is_some_and(|seq| r.syn_seq != Some(seq)) {
+        return Repeat::No;
+    }
+    let window = Duration::from_nanos(DENIED_REPEAT_WINDOW_NS);
+    let slack = Duration::from_secs(1);
+    let elapsed = now.saturating_duration_since(r.last);
+    if elapsed + slack < window {
+        Repeat::Yes
+    } else if elapsed > window + slack {
+        Repeat::No
+    } else {
+        Repeat::Maybe
+    }
+}
+
+/// A run that may be a policy denial, as seen just before it.
+struct DenialCtx {
+    /// The flow as its local endpoint sees it (the `conntrack` and `denied` key).
+    key: CtKey,
+    /// The local endpoint's policy generation.
+    generation: u32,
+    /// The sequence number of a TCP SYN without ACK.
+    syn_seq: Option<u32>,
+    class: ProtoClass,
+    /// The opener of the flow's conntrack entry, if it has one: a revocation counts under it.
+    opener: Option<Direction>,
+    now: Instant,
+}
+
 struct Model {
     world: World,
     /// Conntrack keys that may exist: those of the flows a policy-stage packet passed on.
@@ -820,6 +929,13 @@ struct Model {
     frags: HashMap<FragKey, FragRecord>,
     /// A generation was bumped: tracked flows may be re-checked (and revoked).
     rechecks: bool,
+    /// The `denied` map (an entry the LRU map evicted is forgotten when found missing).
+    denied: HashMap<CtKey, DeniedRec>,
+    /// Denied connections (not packets) per (direction counted under, protocol class): what the
+    /// enforcing `blocked` cells add up to, and (with the audit passes) the deny reports.
+    blocked: HashMap<(Direction, ProtoClass), u64>,
+    /// Denials at the edge of the repeat window, which may or may not count.
+    blocked_maybe: HashMap<(Direction, ProtoClass), u64>,
 }
 
 impl Model {
@@ -829,6 +945,9 @@ impl Model {
             ct_possible: HashSet::new(),
             frags: HashMap::new(),
             rechecks: false,
+            denied: HashMap::new(),
+            blocked: HashMap::new(),
+            blocked_maybe: HashMap::new(),
         }
     }
 
@@ -1785,6 +1904,15 @@ struct Tally {
     /// Passes of ICMP errors with a readable quote at the policy stage.
     error_pass: u64,
     events_read: u64,
+    /// Policy drops that started a new denied connection, and those that repeated one, by
+    /// whether they were revocations.
+    denied_new: u64,
+    denied_repeat: u64,
+    revoked_new: u64,
+    revoked_repeat: u64,
+    /// Denied entries the LRU map evicted, and denials at the edge of the repeat window.
+    denied_evicted: u64,
+    denied_maybe: u64,
 }
 
 struct Fuzz {
@@ -1822,6 +1950,7 @@ impl Fuzz {
                 frame = hex(frame),
             )
         };
+        let denial = self.denial_ctx(&parse, stage, dir, &expect, &context);
         let verdict = match run_raw(&self.t, dir, frame) {
             Err(e) => {
                 self.tally.refused += 1;
@@ -1857,6 +1986,21 @@ impl Fuzz {
                 match hit {
                     Some(i) => {
                         self.shadow[i as usize] += 1;
+                        if let Some((
+                            reason @ (DropReason::PolicyDenied | DropReason::PolicyRevoked),
+                            _,
+                            _,
+                        )) = drop_index_parts(i)
+                        {
+                            match denial {
+                                Some(d) => self.denied_drop(d, reason, dir, &context),
+                                None => {
+                                    let msg =
+                                        context("a policy drop the model did not prepare", "");
+                                    self.fail(msg);
+                                }
+                            }
+                        }
                         false
                     }
                     None => {
@@ -1896,6 +2040,151 @@ impl Fuzz {
             }
         }
         self.model.update(&parse, stage, dir, passed);
+    }
+
+    /// For a run that may be a policy denial: the flow's key and, from the maps, what the model
+    /// cannot know: whether the LRU map evicted its `denied` entry (checked against the model's
+    /// copy otherwise), and which direction opened its conntrack entry.
+    fn denial_ctx(
+        &mut self,
+        parse: &Parse,
+        stage: Stage,
+        dir: Direction,
+        expect: &Expect,
+        context: &dyn Fn(&str, &str) -> String,
+    ) -> Option<DenialCtx> {
+        let Parse::Ip(p) = parse else { return None };
+        let may = |reason| expect.drops.iter().any(|&(r, _)| r == reason);
+        if stage != Stage::Policy
+            || !(may(DropReason::PolicyDenied) || may(DropReason::PolicyRevoked))
+        {
+            return None;
+        }
+        let v = view(p, dir);
+        let key = ct_key(v.local, v.remote, v.lport, v.rport, p.protocol);
+        let generation = self.model.world.endpoints[&v.local].generation;
+        let syn_seq =
+            (p.protocol == ipproto::TCP && p.tcp_flags & 0x12 == 0x02).then_some(p.tcp_seq);
+        let kernel = self.t.dp.maps.denied.get(&key, 0).ok();
+        match (kernel, self.model.denied.get(&key)) {
+            (None, Some(_)) => {
+                self.model.denied.remove(&key);
+                self.tally.denied_evicted += 1;
+            }
+            (Some(e), None) => {
+                let msg = context("a denied entry the model never made", &format!("{e:?}"));
+                self.fail(msg);
+            }
+            (Some(e), Some(rec)) if entry_fields(&e) != rec.fields() => {
+                let msg = context(
+                    "the denied entry differs from the model's",
+                    &format!("{e:?}, model {rec:?}"),
+                );
+                let rec = DeniedRec::from_entry(&e, rec.last);
+                self.model.denied.insert(key, rec);
+                self.fail(msg);
+            }
+            _ => {}
+        }
+        let opener = if may(DropReason::PolicyRevoked) {
+            self.t
+                .dp
+                .maps
+                .conntrack
+                .get(&key, 0)
+                .ok()
+                .and_then(|e| Direction::from_u8(e.opener))
+        } else {
+            None
+        };
+        Some(DenialCtx {
+            key,
+            generation,
+            syn_seq,
+            class: ProtoClass::of(p.protocol),
+            opener,
+            now: Instant::now(),
+        })
+    }
+
+    /// A policy drop: a new denied connection (counted in `blocked` under the direction whose
+    /// policy decided, the opener's for a revocation, and reported) or a repeat of one. Either
+    /// way the flow's `denied` entry must now be what the model expects.
+    fn denied_drop(
+        &mut self,
+        d: DenialCtx,
+        reason: DropReason,
+        dir: Direction,
+        context: &dyn Fn(&str, &str) -> String,
+    ) {
+        let revoked = reason == DropReason::PolicyRevoked;
+        let counted = if revoked {
+            d.opener.unwrap_or_else(|| {
+                let msg = context("revoked a flow that had no conntrack entry", "");
+                self.fail(msg);
+                dir
+            })
+        } else {
+            dir
+        };
+        let cell = (counted, d.class);
+        let repeat = repeats(
+            self.model.denied.get(&d.key),
+            d.generation,
+            d.syn_seq,
+            d.now,
+        );
+        match (repeat, revoked) {
+            (Repeat::Yes, false) => self.tally.denied_repeat += 1,
+            (Repeat::Yes, true) => self.tally.revoked_repeat += 1,
+            (Repeat::No, false) => self.tally.denied_new += 1,
+            (Repeat::No, true) => self.tally.revoked_new += 1,
+            (Repeat::Maybe, _) => self.tally.denied_maybe += 1,
+        }
+        match repeat {
+            Repeat::No => {
+                *self.model.blocked.entry(cell).or_default() += 1;
+                let rec = DeniedRec {
+                    generation: d.generation,
+                    syn_seq: d.syn_seq,
+                    revoked,
+                    last: d.now,
+                };
+                self.model.denied.insert(d.key, rec);
+            }
+            Repeat::Yes => {
+                if let Some(rec) = self.model.denied.get_mut(&d.key) {
+                    rec.last = d.now;
+                }
+            }
+            Repeat::Maybe => *self.model.blocked_maybe.entry(cell).or_default() += 1,
+        }
+        let entry = match self.t.dp.maps.denied.get(&d.key, 0) {
+            Ok(e) => e,
+            Err(e) => {
+                let msg = context("no denied entry after a policy drop", &e.to_string());
+                self.fail(msg);
+                self.model.denied.remove(&d.key);
+                return;
+            }
+        };
+        if repeat == Repeat::Maybe {
+            // Whichever it was, the datapath's entry is the truth from here on.
+            let rec = DeniedRec::from_entry(&entry, d.now);
+            self.model.denied.insert(d.key, rec);
+            return;
+        }
+        let rec = self.model.denied[&d.key];
+        if entry_fields(&entry) != rec.fields() || entry._pad0 != 0 || entry.last_ns == 0 {
+            let msg = context(
+                &format!("denied entry after a {repeat:?} repeat"),
+                &format!("{entry:?}, model {rec:?}"),
+            );
+            self.model
+                .denied
+                .insert(d.key, DeniedRec::from_entry(&entry, d.now));
+            self.fail(msg);
+        }
     }
 
     /// Re-reads every drop cell into the shadow; returns the cells that differed.
@@ -2023,10 +2312,12 @@ fn drops_of(t: &TestDatapath, reason: DropReason) -> u64 {
         .sum()
 }
 
-/// Checks the `blocked` map against the denied new connections: every overflow increment is in
-/// an overflow cell (port 0, a protocol with a class of its own or 0); the enforcing cells equal
-/// the `policy_denied` drops per (direction, protocol class); the audit cells equal
-/// `audit_would_block` if `exact` (before any re-check), are at most it after.
+/// Checks the `blocked` map against the denied connections: every overflow increment is in an
+/// overflow cell (port 0, a protocol with a class of its own or 0); the enforcing cells equal the
+/// model's denied connections per (direction, protocol class) (not the `policy_denied` drops: a
+/// retransmission repeats its connection), give or take the denials at the edge of the repeat
+/// window; the audit cells equal `audit_would_block` if `exact` (before any re-check), are at
+/// most it after.
 fn check_blocked(fz: &mut Fuzz, exact: bool) -> String {
     let cells = fz.t.dp.maps.blocked().expect("reading blocked");
     let c = counters(&fz.t);
@@ -2052,20 +2343,33 @@ fn check_blocked(fz: &mut Fuzz, exact: bool) -> String {
             *enforcing.entry((k.direction, class)).or_default() += b.connections;
         }
     }
-    let mut denied = 0;
+    let (mut denied, mut connections) = (0, 0);
     for dir in Direction::ALL {
         for class in ProtoClass::ALL {
-            let n = drop_cell(&fz.t, drop_index(DropReason::PolicyDenied, dir, class));
+            let n = fz.model.blocked.get(&(dir, class)).copied().unwrap_or(0);
+            let maybe = fz
+                .model
+                .blocked_maybe
+                .get(&(dir, class))
+                .copied()
+                .unwrap_or(0);
             let cells = enforcing.remove(&(dir as u8, class)).unwrap_or(0);
-            if cells != n {
+            if cells < n || cells > n + maybe {
                 problems.push(format!(
-                    "{}/{}: blocked {cells} != policy_denied {n}",
+                    "{}/{}: blocked {cells} != denied connections {n} (+ up to {maybe})",
                     dir.as_str(),
                     class.as_str()
                 ));
             }
-            denied += n;
+            connections += cells;
+            denied += drop_cell(&fz.t, drop_index(DropReason::PolicyDenied, dir, class))
+                + drop_cell(&fz.t, drop_index(DropReason::PolicyRevoked, dir, class));
         }
+    }
+    if connections > denied {
+        problems.push(format!(
+            "blocked connections {connections} > policy_denied + policy_revoked drops {denied}"
+        ));
     }
     if !enforcing.is_empty() {
         problems.push(format!("cells of no direction: {enforcing:?}"));
@@ -2081,8 +2385,8 @@ fn check_blocked(fz: &mut Fuzz, exact: bool) -> String {
         ));
     }
     let summary = format!(
-        "{} cells, overflow {overflow}, policy_denied {denied}, audit cells {audit_cells}, \
-         audit_would_block {audit}",
+        "{} cells, overflow {overflow}, blocked connections {connections}, policy_denied + \
+         policy_revoked drops {denied}, audit cells {audit_cells}, audit_would_block {audit}",
         cells.len()
     );
     for p in problems {
@@ -2289,16 +2593,52 @@ fn final_checks(fz: &mut Fuzz, packets: usize, blocked_before_churn: String) -> 
         }
     }
 
-    // Deny reports.
-    let denied = drops_of(&fz.t, DropReason::PolicyDenied);
-    let revoked = drops_of(&fz.t, DropReason::PolicyRevoked);
-    let reports = denied + revoked + c[&Counter::AuditWouldBlock];
+    // Deny reports: one per denied connection (not per denied packet) and per audit pass.
+    let connections: u64 = fz.model.blocked.values().sum();
+    let maybe: u64 = fz.model.blocked_maybe.values().sum();
+    let reports = connections + c[&Counter::AuditWouldBlock];
     let events =
         c[&Counter::EventsSubmitted] + c[&Counter::EventsRateLimited] + c[&Counter::EventsLost];
-    if events != reports {
+    if events < reports || events > reports + maybe {
         problems.push(format!(
-            "events submitted+rate-limited+lost {events} != denials to report {reports}"
+            "events submitted+rate-limited+lost {events} != denials to report {reports} (+ up \
+             to {maybe})"
         ));
+    }
+    let policy_drops =
+        drops_of(&fz.t, DropReason::PolicyDenied) + drops_of(&fz.t, DropReason::PolicyRevoked);
+    let decided = tally.denied_new
+        + tally.denied_repeat
+        + tally.revoked_new
+        + tally.revoked_repeat
+        + tally.denied_maybe;
+    if decided != policy_drops {
+        problems.push(format!(
+            "policy drops {policy_drops} != policy drops the model followed {decided}"
+        ));
+    }
+
+    // The denied map: every entry is the model's (evicted ones aside).
+    let denied_entries = maps.denied_entries().expect("reading denied");
+    for (k, e) in &denied_entries {
+        let why = match fz.model.denied.get(k) {
+            None => Some("an entry the model never made".to_string()),
+            Some(rec) if entry_fields(e) != rec.fields() => Some(format!("model {rec:?}")),
+            Some(_) if e._pad0 != 0 || (k._pad0, k._pad1) != (0, 0) => Some("padding".into()),
+            Some(_) => None,
+        };
+        if let Some(why) = why
+            && problems.len() < 40
+        {
+            problems.push(format!(
+                "denied entry {}:{} -> {}:{} proto {}: {why}: {e:?}",
+                addr(&k.local),
+                k.local_port,
+                addr(&k.remote),
+                k.remote_port,
+                k.protocol
+            ));
+        }
     }
     if tally.events_read != c[&Counter::EventsSubmitted] {
         problems.push(format!(
@@ -2405,6 +2745,14 @@ fn final_checks(fz: &mut Fuzz, packets: usize, blocked_before_churn: String) -> 
         if ct_hits <= 0 {
             missing.push("conntrack hits".into());
         }
+        for (n, what) in [
+            (fz.tally.denied_repeat, "repeated denied connections"),
+            (fz.tally.revoked_new, "revoked connections counted"),
+        ] {
+            if n == 0 {
+                missing.push(what.into());
+            }
+        }
         if !missing.is_empty() {
             problems.push(format!("paths never reached: {missing:?}"));
         }
@@ -2460,6 +2808,19 @@ fn final_checks(fz: &mut Fuzz, packets: usize, blocked_before_churn: String) -> 
     );
     let _ = writeln!(
         out,
+        "policy drops: new denied connections {}, repeats {}; revocations counted {}, repeats \
+         {}; at the window's edge {}; denied entries {} (model {}, evicted {})",
+        tally.denied_new,
+        tally.denied_repeat,
+        tally.revoked_new,
+        tally.revoked_repeat,
+        tally.denied_maybe,
+        denied_entries.len(),
+        fz.model.denied.len(),
+        tally.denied_evicted
+    );
+    let _ = writeln!(
+        out,
         "blocked before the first generation bump: {blocked_before_churn}"
     );
     let _ = write!(out, "blocked at the end: {blocked_after}");
@@ -2498,5 +2859,9 @@ fn same_frame_same_verdict() {
     assert_eq!(maps.conntrack_len(), 0, "conntrack entries");
     assert_eq!(maps.fragments.keys().count(), 0, "fragment records");
     assert!(maps.blocked().expect("blocked").is_empty(), "blocked cells");
+    assert!(
+        maps.denied_entries().expect("denied").is_empty(),
+        "denied entries"
+    );
     assert_eq!(maps.counter(Counter::EventsSubmitted).expect("counter"), 0);
 }

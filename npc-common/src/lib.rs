@@ -8,6 +8,7 @@
 pub mod config;
 pub mod conntrack;
 pub mod counters;
+pub mod denied;
 pub mod endpoint;
 pub mod event;
 pub mod fragment;
@@ -16,6 +17,7 @@ pub mod policy;
 pub use config::*;
 pub use conntrack::*;
 pub use counters::*;
+pub use denied::*;
 pub use endpoint::*;
 pub use event::*;
 pub use fragment::*;
@@ -29,6 +31,8 @@ pub mod map_names {
     pub const POLICY: &str = "policy";
     pub const CONNTRACK: &str = "conntrack";
     pub const FRAGMENTS: &str = "fragments";
+    /// Denied flows, so a retransmitted denied connect counts (and is reported) once.
+    pub const DENIED: &str = "denied";
     pub const DROPS: &str = "drops";
     pub const COUNTERS: &str = "counters";
     pub const BLOCKED: &str = "blocked";
@@ -36,9 +40,9 @@ pub mod map_names {
     pub const EVENT_RATE: &str = "event_rate";
     pub const CONFIG: &str = "config";
     /// Every map, in a stable order (map-dump and cleanup walk this list).
-    pub const ALL: [&str; 12] = [
-        ENDPOINTS, INTERFACES, CIDRS, POLICY, CONNTRACK, FRAGMENTS, DROPS, COUNTERS, BLOCKED,
-        EVENTS, EVENT_RATE, CONFIG,
+    pub const ALL: [&str; 13] = [
+        ENDPOINTS, INTERFACES, CIDRS, POLICY, CONNTRACK, FRAGMENTS, DENIED, DROPS, COUNTERS,
+        BLOCKED, EVENTS, EVENT_RATE, CONFIG,
     ];
 }
 
@@ -67,6 +71,7 @@ pub mod capacity {
     pub const POLICY: u32 = 262_144;
     pub const CONNTRACK: u32 = 262_144;
     pub const FRAGMENTS: u32 = 8_192;
+    pub const DENIED: u32 = 16_384;
     pub const BLOCKED: u32 = 4_096;
     /// Ring buffer size in bytes (a power of two multiple of the page size).
     pub const EVENTS_BYTES: u32 = 256 * 1024;
@@ -164,6 +169,7 @@ mod pod {
         CtEntry,
         FragKey,
         FragEntry,
+        DeniedEntry,
         BlockedKey,
         DenyEvent,
         Config,

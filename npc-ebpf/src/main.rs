@@ -4,12 +4,14 @@
 //! - `to_pod` (veth egress hook, `to_pod.rs`): packets delivered to the pod; its ingress policy.
 //!
 //! Both run the same pipeline (`verdict.rs`) with the local endpoint on the other side of the
-//! packet. Helpers are split by concern: parsing, conntrack, policy, counters, events.
+//! packet. Helpers are split by concern: parsing, conntrack, policy, counters, denied-connection
+//! de-duplication, events.
 #![no_std]
 #![no_main]
 
 mod conntrack;
 mod counters;
+mod denied;
 mod events;
 mod from_pod;
 mod maps;

@@ -6,8 +6,8 @@ use aya_ebpf::{
 };
 use npc_common::{
     BlockedKey, COUNTERS_LEN, CidrInfo, CidrKeyData, Config, CtEntry, CtKey, DROPS_LEN,
-    EndpointInfo, EndpointKey, FragEntry, FragKey, InterfaceInfo, PolicyEntry, PolicyKey,
-    RateLimit, capacity,
+    DeniedEntry, EndpointInfo, EndpointKey, FragEntry, FragKey, InterfaceInfo, PolicyEntry,
+    PolicyKey, RateLimit, capacity,
 };
 
 #[map(name = "endpoints")]
@@ -27,6 +27,10 @@ pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::
 
 #[map(name = "fragments")]
 pub static FRAGMENTS: LruHashMap<FragKey, FragEntry> = LruHashMap::pinned(capacity::FRAGMENTS, 0);
+
+/// Denied flows, keyed like conntrack: a retransmitted denied connect counts once (`denied.rs`).
+#[map(name = "denied")]
+pub static DENIED: LruHashMap<CtKey, DeniedEntry> = LruHashMap::pinned(capacity::DENIED, 0);
 
 #[map(name = "drops")]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DROPS_LEN, 0);

@@ -49,33 +49,39 @@ pub struct Quoted {
 
 /// An IP packet, reduced to what the verdict needs. Aligned to 8 so zeroing and copying it are
 /// a few word stores, not a call to the byte-loop `memset`/`memcpy` of a BPF `core`.
+///
+/// Fields are ordered so no padding is needed: 56 bytes (the stack is 512 for the whole chain).
 #[repr(C, align(8))]
 pub struct Packet {
     pub src: IpBytes,
     pub dst: IpBytes,
     /// The L4 protocol (after IPv6 extension headers).
     pub protocol: u8,
+    pub tcp_flags: u8,
     /// Host byte order. For ICMP echo both carry the identifier; 0 for portless protocols.
     pub sport: u16,
     pub dport: u16,
-    pub tcp_flags: u8,
     pub fragment: Fragment,
-    /// IPv4 identification or IPv6 fragment identification (when `fragment != None`).
-    pub frag_id: u32,
     /// The protocol fragments of this datagram are recorded under: the IPv4 protocol, or the
     /// header after the IPv6 fragment header.
     pub frag_protocol: u8,
+    /// IPv4 identification or IPv6 fragment identification (when `fragment != None`).
+    pub frag_id: u32,
+    /// TCP sequence number (host byte order; 0 for other protocols). Only a denied SYN's is
+    /// used: a retransmission repeats its ISN, a new attempt on the same tuple does not.
+    pub tcp_seq: u32,
     /// IPv6 hop limit (neighbour discovery must arrive with 255, MLD with 1).
     pub hop_limit: u8,
     /// The packet is an ICMP/ICMPv6 error (see `parse_quoted`).
     pub is_error: bool,
     pub v6: bool,
+    /// ICMPv6 neighbour discovery or multicast listener messages: link plumbing, not policy.
+    pub link_local_control: bool,
     /// Where the L4 header starts and the IP payload ends.
     pub l4_off: u16,
     pub end: u16,
-    /// ICMPv6 neighbour discovery or multicast listener messages: link plumbing, not policy.
-    pub link_local_control: bool,
 }
+const _: () = assert!(core::mem::size_of::<Packet>() == 56);
 
 impl Packet {
     pub const fn empty() -> Packet {
@@ -83,18 +89,19 @@ impl Packet {
             src: [0; 16],
             dst: [0; 16],
             protocol: 0,
+            tcp_flags: 0,
             sport: 0,
             dport: 0,
-            tcp_flags: 0,
             fragment: Fragment::None,
-            frag_id: 0,
             frag_protocol: 0,
+            frag_id: 0,
+            tcp_seq: 0,
             hop_limit: 0,
             is_error: false,
             v6: false,
+            link_local_control: false,
             l4_off: 0,
             end: 0,
-            link_local_control: false,
         }
     }
 
@@ -333,6 +340,7 @@ fn parse_l4(
             pkt.sport = u16::from_be_bytes([t[0], t[1]]);
             pkt.dport = u16::from_be_bytes([t[2], t[3]]);
             pkt.tcp_flags = t[13];
+            pkt.tcp_seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
         }
         ipproto::UDP | ipproto::SCTP => {
             // UDP header or SCTP common header: both start with the two ports.

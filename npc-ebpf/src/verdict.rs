@@ -4,7 +4,8 @@
 //! 2. Find the local endpoint (source for `from_pod`, destination for `to_pod`); check the source
 //!    is the pod's own.
 //! 3. Conntrack hit of the current policy generation: pass (the hot path).
-//! 4. Otherwise decide by policy; track allowed flows, count and report denied ones.
+//! 4. Otherwise decide by policy; track allowed flows; drop denied ones, counting and reporting
+//!    each denied connection once (not each of its retransmitted packets).
 //!
 //! The BPF stack is 512 bytes for the whole call chain, so the stages after parsing are separate
 //! BPF functions (`#[inline(never)]`) that share one `Flow` through a pointer.
@@ -18,7 +19,7 @@ use npc_common::{
 use crate::{
     conntrack::{self, is_tcp_open, now_ns},
     counters::{count, count_allowed, count_blocked, count_drop},
-    events,
+    denied, events,
     maps::{CONNTRACK, ENDPOINTS, FRAGMENTS, INTERFACES, config},
     parse::{Fragment, Packet, Parsed, Quoted, parse, parse_quoted},
     policy::{Decision, decide},
@@ -278,8 +279,15 @@ fn recheck(f: &Flow, entry: &mut CtEntry) -> i32 {
         record_fragment(f.pkt, true, 0);
         return verdict::PASS;
     }
-    let _ = CONNTRACK.remove(&f.ct_key());
-    report(f, &d, opener, now, &cfg, DropReason::PolicyRevoked, false);
+    let key = f.ct_key();
+    let _ = CONNTRACK.remove(&key);
+    // The revoked connection counts as one blocked connection, under the direction and port
+    // whose policy admitted it. Its following packets arrive untracked and are denied by
+    // `new_flow`: the `denied` entry makes them repeats of this one, not new connections.
+    if denied::first_denial(&key, f.pkt, f.ep.generation, now, true) {
+        count_blocked(opener, f.pkt.protocol, port, 0);
+        report(f, &d, opener, now, &cfg, DropReason::PolicyRevoked, false);
+    }
     record_fragment(f.pkt, false, DropReason::PolicyRevoked as u32);
     drop(DropReason::PolicyRevoked, f.dir, f.pkt.protocol)
 }
@@ -324,8 +332,11 @@ fn new_flow(f: &Flow, track: bool) -> i32 {
         record_fragment(f.pkt, true, 0);
         return verdict::PASS;
     }
-    count_blocked(f.dir, f.pkt.protocol, port, 0);
-    report(f, &d, f.dir, now, &cfg, DropReason::PolicyDenied, false);
+    // Counted and reported once per denied connection, not per retransmission (`denied.rs`).
+    if denied::first_denial(&f.ct_key(), f.pkt, f.ep.generation, now, false) {
+        count_blocked(f.dir, f.pkt.protocol, port, 0);
+        report(f, &d, f.dir, now, &cfg, DropReason::PolicyDenied, false);
+    }
     record_fragment(f.pkt, false, DropReason::PolicyDenied as u32);
     drop(DropReason::PolicyDenied, f.dir, f.pkt.protocol)
 }

@@ -29,6 +29,11 @@ impl TestDatapath {
 
     /// Like `new`, attaching in `mode` (`None`: what the kernel supports best).
     pub fn with_attach_mode(config: Config, mode: Option<AttachMode>) -> TestDatapath {
+        TestDatapath::with_options(config, |opts| opts.attach_mode = mode)
+    }
+
+    /// Like `new`, with load options adjusted by `adjust` (the pin directory is the test's own).
+    pub fn with_options(config: Config, adjust: impl FnOnce(&mut LoadOptions)) -> TestDatapath {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let dir = PathBuf::from(format!(
             "/sys/fs/bpf/npc-test-{}-{}",
@@ -37,9 +42,10 @@ impl TestDatapath {
         ));
         let mut opts = LoadOptions::new(&dir);
         opts.config = config;
-        opts.attach_mode = mode;
         // Small conntrack so many test datapaths fit in memory at once.
         opts.conntrack_capacity = 16_384;
+        adjust(&mut opts);
+        opts.bpffs = dir.clone();
         let dp = match Datapath::load(&opts) {
             Ok(dp) => dp,
             Err(e) => {

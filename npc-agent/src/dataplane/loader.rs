@@ -16,7 +16,10 @@ use aya::{
 use npc_common::{Config, Direction, capacity, map_names, program_names};
 use tracing::{debug, info};
 
-use super::{bpffs::ensure_bpffs, maps::Maps};
+use super::{
+    bpffs::ensure_bpffs,
+    maps::{BLOCKED_OVERFLOW_CELLS, Maps},
+};
 
 /// The datapath object, built by build.rs from npc-ebpf.
 static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/npc"));
@@ -26,6 +29,10 @@ pub struct LoadOptions {
     /// Where maps are pinned (a bpffs is mounted there if needed).
     pub bpffs: PathBuf,
     pub conntrack_capacity: u32,
+    /// Per-port cells of the `blocked` map (denied connections per direction, protocol and
+    /// port); the map gets `BLOCKED_OVERFLOW_CELLS` (24) more for the overflow cells. Connections
+    /// to ports that find it full count in the overflow cell of their direction and protocol.
+    pub blocked_capacity: u32,
     pub config: Config,
     /// How to attach; `None`: tcx where the kernel has it (>= 6.6), else clsact.
     pub attach_mode: Option<AttachMode>,
@@ -36,6 +43,7 @@ impl LoadOptions {
         LoadOptions {
             bpffs: bpffs.into(),
             conntrack_capacity: capacity::CONNTRACK,
+            blocked_capacity: capacity::BLOCKED,
             config: Config::default(),
             attach_mode: None,
         }
@@ -71,6 +79,10 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&opts.bpffs)
             .map_max_entries(map_names::CONNTRACK, opts.conntrack_capacity)
+            .map_max_entries(
+                map_names::BLOCKED,
+                opts.blocked_capacity.saturating_add(BLOCKED_OVERFLOW_CELLS),
+            )
             .load(OBJECT)
             .with_context(|| {
                 format!(

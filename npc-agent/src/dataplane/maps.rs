@@ -9,8 +9,8 @@ use aya::maps::{
 };
 use npc_common::{
     BLOCKED_AUDIT, BLOCKED_OVERFLOW, BlockedKey, CidrInfo, CidrKeyData, Config, Counter, CtEntry,
-    CtKey, DROPS_LEN, Direction, DropReason, EndpointInfo, EndpointKey, FragEntry, FragKey,
-    InterfaceInfo, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL,
+    CtKey, DROPS_LEN, DeniedEntry, Direction, DropReason, EndpointInfo, EndpointKey, FragEntry,
+    FragKey, InterfaceInfo, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL,
     PolicyEntry, PolicyKey, ProtoClass, allowed_index, drop_index_parts, for_each_port_prefix,
     ip_bytes, ip_from_bytes, ipproto, map_names,
 };
@@ -84,6 +84,21 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
+/// Protocols with an overflow cell of their own in `blocked` (those with a protocol class); the
+/// rest share protocol 0.
+const OVERFLOW_PROTOCOLS: [u8; 6] = [
+    ipproto::TCP,
+    ipproto::UDP,
+    ipproto::SCTP,
+    ipproto::ICMP,
+    ipproto::ICMPV6,
+    0,
+];
+
+/// Overflow cells the agent creates in `blocked`: per direction, overflow protocol, and
+/// enforcing or audit.
+pub const BLOCKED_OVERFLOW_CELLS: u32 = 2 * OVERFLOW_PROTOCOLS.len() as u32 * 2;
+
 /// The datapath's maps, typed.
 pub struct Maps {
     pub endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
@@ -92,6 +107,8 @@ pub struct Maps {
     pub policy: LpmTrie<MapData, PolicyKey, PolicyEntry>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     pub fragments: HashMap<MapData, FragKey, FragEntry>,
+    /// Denied flows (written by the datapath only), so a retransmitted denied connect counts once.
+    pub denied: HashMap<MapData, CtKey, DeniedEntry>,
     pub drops: PerCpuArray<MapData, u64>,
     pub counters: PerCpuArray<MapData, u64>,
     pub blocked: PerCpuHashMap<MapData, BlockedKey, u64>,
@@ -127,6 +144,7 @@ impl Maps {
             policy: typed(take(map_names::POLICY), map_names::POLICY)?,
             conntrack: typed(take(map_names::CONNTRACK), map_names::CONNTRACK)?,
             fragments: typed(take(map_names::FRAGMENTS), map_names::FRAGMENTS)?,
+            denied: typed(take(map_names::DENIED), map_names::DENIED)?,
             drops: typed(take(map_names::DROPS), map_names::DROPS)?,
             counters: typed(take(map_names::COUNTERS), map_names::COUNTERS)?,
             blocked: typed(take(map_names::BLOCKED), map_names::BLOCKED)?,
@@ -287,17 +305,8 @@ impl Maps {
         let ncpus = aya::util::nr_cpus()
             .map_err(|(_, e)| e)
             .context("counting CPUs")?;
-        // Protocols with a class of their own; the rest share protocol 0.
-        let protocols = [
-            ipproto::TCP,
-            ipproto::UDP,
-            ipproto::SCTP,
-            ipproto::ICMP,
-            ipproto::ICMPV6,
-            0,
-        ];
         for dir in Direction::ALL {
-            for protocol in protocols {
+            for protocol in OVERFLOW_PROTOCOLS {
                 for audit in [0, BLOCKED_AUDIT] {
                     let key = BlockedKey {
                         dport: 0,
@@ -368,6 +377,14 @@ impl Maps {
         }
         out.sort_by_key(|b| b.key);
         Ok(out)
+    }
+
+    /// Every `denied` entry: the flows whose last denied packet the datapath remembers.
+    pub fn denied_entries(&self) -> Result<Vec<(CtKey, DeniedEntry)>> {
+        self.denied
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading denied")
     }
 
     /// Deletes conntrack entries that outlived their lifetime; returns how many.
