@@ -66,6 +66,7 @@ pub fn cluster(
             Namespace {
                 name: ns.clone(),
                 labels: ns_labels,
+                audit: false,
             },
         );
         for j in 0..pods_per_ns {

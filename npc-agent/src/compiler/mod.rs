@@ -23,7 +23,7 @@ use std::{
 };
 
 use npc_common::{
-    Direction, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, ENDPOINT_LOCAL,
+    Direction, ENDPOINT_AUDIT, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, ENDPOINT_LOCAL,
     IDENTITY_FIRST_CIDR, IDENTITY_FIRST_POD, IDENTITY_HOST, RULE_HOST, RULE_NONE,
 };
 
@@ -41,7 +41,8 @@ mod rules;
 #[cfg(test)]
 mod tests;
 
-use cidr::{Block, CidrKey};
+pub use cidr::Block;
+use cidr::CidrKey;
 use identity::Interner;
 
 /// What a pod identity stands for: every pod with the same tuple is treated alike by every
@@ -117,8 +118,12 @@ pub struct Desired {
     pub rules: BTreeMap<u32, RuleRef>,
     /// Pod identities in use -> what they stand for.
     pub identities: BTreeMap<u32, IdentityKey>,
-    /// For each local pod identity: the policies that select it (isolate it), for deny logs.
-    pub isolating: BTreeMap<u32, BTreeSet<ObjectRef>>,
+    /// For each local pod identity and direction it is isolated in: the policies that select it
+    /// (isolate it) in that direction, for deny logs.
+    pub isolating: BTreeMap<(u32, Direction), BTreeSet<ObjectRef>>,
+    /// CIDR identities in use -> the ipBlocks an address with that identity is in (for logs and
+    /// map-dump).
+    pub cidr_blocks: BTreeMap<u32, Vec<Block>>,
 }
 
 /// Pods that share an identity.
@@ -158,7 +163,7 @@ pub fn compile(state: &ClusterState, ids: &mut Identities) -> Desired {
     }
 
     // Isolation, and the policies that matter on this node.
-    let mut isolating: BTreeMap<u32, BTreeSet<ObjectRef>> = BTreeMap::new();
+    let mut isolating: BTreeMap<(u32, Direction), BTreeSet<ObjectRef>> = BTreeMap::new();
     let mut selecting = Vec::new();
     for (name, policy) in &state.policies {
         let mut isolation = 0;
@@ -180,10 +185,17 @@ pub fn compile(state: &ClusterState, ids: &mut Identities) -> Desired {
             group.isolation |= isolation;
             if group.local {
                 local.push(g);
-                isolating
-                    .entry(group.identity)
-                    .or_default()
-                    .insert(name.clone());
+                for (isolated, dir) in [
+                    (policy.ingress_isolation, Direction::Ingress),
+                    (policy.egress_isolation, Direction::Egress),
+                ] {
+                    if isolated {
+                        isolating
+                            .entry((group.identity, dir))
+                            .or_default()
+                            .insert(name.clone());
+                    }
+                }
             }
         }
         if !local.is_empty() {
@@ -202,10 +214,12 @@ pub fn compile(state: &ClusterState, ids: &mut Identities) -> Desired {
     for local_pass in [true, false] {
         for m in members.iter().filter(|m| m.local == local_pass) {
             let group = &groups[m.group];
-            let flags = if m.local {
-                ENDPOINT_LOCAL | group.isolation
-            } else {
+            let flags = if !m.local {
                 0
+            } else if audited(state, group.namespace) {
+                ENDPOINT_LOCAL | group.isolation | ENDPOINT_AUDIT
+            } else {
+                ENDPOINT_LOCAL | group.isolation
             };
             for ip in m.ips {
                 let ip = ip.to_canonical();
@@ -244,6 +258,15 @@ pub fn compile(state: &ClusterState, ids: &mut Identities) -> Desired {
             .collect()
     };
     let cidrs = cidr::compile_cidrs(&blocks, &hosts, &mut ids.cidrs);
+    let mut cidr_blocks: BTreeMap<u32, Vec<Block>> = BTreeMap::new();
+    for (block, targets) in blocks.iter().zip(&cidrs.by_block) {
+        for t in targets {
+            cidr_blocks
+                .entry(t.identity)
+                .or_default()
+                .push(block.clone());
+        }
+    }
     let block_index: HashMap<&Block, usize> =
         blocks.iter().enumerate().map(|(i, b)| (b, i)).collect();
 
@@ -294,7 +317,13 @@ pub fn compile(state: &ClusterState, ids: &mut Identities) -> Desired {
             .collect(),
         identities: groups.iter().map(|g| g.identity).zip(keys).collect(),
         isolating,
+        cidr_blocks,
     }
+}
+
+/// Whether `namespace` is annotated for audit mode (see `ENFORCEMENT_ANNOTATION`).
+fn audited(state: &ClusterState, namespace: &str) -> bool {
+    state.namespaces.get(namespace).is_some_and(|ns| ns.audit)
 }
 
 /// Every namespace's labels, including namespaces that pods refer to but that the state lacks

@@ -9,8 +9,9 @@ use std::{
 
 use ipnet::IpNet;
 use npc_common::{
-    Direction, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, ENDPOINT_LOCAL, IDENTITY_ANY,
-    IDENTITY_FIRST_CIDR, IDENTITY_FIRST_POD, IDENTITY_HOST, IDENTITY_WORLD, ip_bytes, ipproto,
+    Direction, ENDPOINT_AUDIT, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, ENDPOINT_LOCAL,
+    IDENTITY_ANY, IDENTITY_FIRST_CIDR, IDENTITY_FIRST_POD, IDENTITY_HOST, IDENTITY_WORLD, ip_bytes,
+    ipproto,
 };
 
 use super::{Desired, DesiredEndpoint, Identities, IdentityKey, RuleRef, compile};
@@ -304,6 +305,7 @@ impl Cluster {
             Namespace {
                 name: name.into(),
                 labels: l,
+                audit: false,
             },
         );
         self
@@ -410,7 +412,7 @@ fn check_invariants(state: &ClusterState, d: &Desired) {
     for id in d.identities.keys() {
         assert!((IDENTITY_FIRST_POD..IDENTITY_FIRST_CIDR).contains(id));
     }
-    for id in d.isolating.keys() {
+    for (id, _) in d.isolating.keys() {
         assert!(local.contains(id), "isolating a non-local identity {id}");
     }
     for (&(ip, len), &id) in &d.cidrs {
@@ -1447,7 +1449,8 @@ fn pods_on_other_nodes() {
         "entries only for the local identity: {:?}",
         d.policy
     );
-    assert_eq!(d.isolating.keys().copied().collect::<Vec<_>>(), vec![local]);
+    assert!(d.isolating.keys().all(|&(id, _)| id == local));
+    assert!(!d.isolating.is_empty());
     assert!(
         d.cidrs.is_empty(),
         "no prefixes from policies without local pods: {:?}",
@@ -1725,12 +1728,22 @@ fn rules_cookies_and_isolating() {
     );
     assert_eq!(d.policy[&entry(id("x/c"))], 2, "only the second rule");
     assert_eq!(d.policy.len(), 2);
+    let isolating = |p: &str, dir| d.isolating.get(&(id(p), dir)).cloned().unwrap_or_default();
     assert_eq!(
-        d.isolating[&id("x/a")],
+        isolating("x/a", Direction::Ingress),
         BTreeSet::from([object("x/p"), object("x/q")])
     );
-    assert_eq!(d.isolating[&id("x/b")], BTreeSet::from([object("x/q")]));
-    assert!(!d.isolating.contains_key(&id("x/c")));
+    assert_eq!(
+        isolating("x/a", Direction::Egress),
+        BTreeSet::from([object("x/q")]),
+        "x/p isolates ingress only"
+    );
+    assert_eq!(
+        isolating("x/b", Direction::Ingress),
+        BTreeSet::from([object("x/q")])
+    );
+    assert!(isolating("x/c", Direction::Ingress).is_empty());
+    assert!(isolating("x/c", Direction::Egress).is_empty());
     assert_eq!(
         d.endpoints[&addr(&c.state, "x/b")].flags,
         ENDPOINT_LOCAL | ENDPOINT_INGRESS_ISOLATED | ENDPOINT_EGRESS_ISOLATED
@@ -1807,4 +1820,64 @@ fn edge_cases() {
         .filter(|e| e.flags & ENDPOINT_LOCAL != 0)
         .count();
     assert_eq!(local, 18, "every pod address is local");
+}
+
+#[test]
+fn audit_namespaces_flag_their_local_endpoints() {
+    let mut c = e2e().policy(policy("x/p", "pod=a").ingress(None, None));
+    c.state
+        .namespaces
+        .get_mut("x")
+        .expect("e2e has namespace x")
+        .audit = true;
+    let d = c.compile();
+    for p in ["x/a", "x/b"] {
+        let flags = d.endpoints[&addr(&c.state, p)].flags;
+        assert_ne!(flags & ENDPOINT_AUDIT, 0, "{p} is in an audit namespace");
+    }
+    let flags = d.endpoints[&addr(&c.state, "x/a")].flags;
+    assert_ne!(
+        flags & ENDPOINT_INGRESS_ISOLATED,
+        0,
+        "audit keeps isolation"
+    );
+    assert_eq!(
+        d.endpoints[&addr(&c.state, "y/a")].flags & ENDPOINT_AUDIT,
+        0,
+        "y is enforced"
+    );
+}
+
+#[test]
+fn cidr_identities_name_their_blocks() {
+    let c = e2e().policy(policy("x/p", "pod=a").types(false, true).egress(
+        Some(vec![
+            block("10.0.0.0/8", &["10.1.0.0/16"]),
+            block("10.1.2.0/24", &[]),
+        ]),
+        None,
+    ));
+    let d = c.compile();
+    let id_of = |ip: &str| lpm(&d, ip.parse().expect("address"));
+    let names = |id: u32| -> Vec<String> {
+        d.cidr_blocks[&id]
+            .iter()
+            .map(|b| {
+                let except: Vec<String> = b.except.iter().map(|e| e.to_string()).collect();
+                format!("{} except {:?}", b.cidr, except)
+            })
+            .collect()
+    };
+    let outer = id_of("10.2.0.1").expect("in 10/8");
+    assert_eq!(names(outer), ["10.0.0.0/8 except [\"10.1.0.0/16\"]"]);
+    let inner = id_of("10.1.2.3").expect("in 10.1.2/24");
+    assert_eq!(names(inner), ["10.1.2.0/24 except []"]);
+    let hole = id_of("10.1.3.1").expect("in the except");
+    assert!(
+        !d.cidr_blocks.contains_key(&hole),
+        "an except outside every block is WORLD"
+    );
+    for id in d.cidr_blocks.keys() {
+        assert!(d.cidrs.values().any(|v| v == id), "{id} is used");
+    }
 }

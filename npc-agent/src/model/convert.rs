@@ -31,8 +31,8 @@ use k8s_openapi::{
 };
 
 use super::{
-    LabelSelector, Labels, NAMESPACE_NAME_LABEL, NamedPort, Namespace, NetworkPolicy, Operator,
-    Peer, Pod, PolicyPort, PortRef, Protocol, Requirement, Rule,
+    ENFORCEMENT_ANNOTATION, LabelSelector, Labels, NAMESPACE_NAME_LABEL, NamedPort, Namespace,
+    NetworkPolicy, Operator, Peer, Pod, PolicyPort, PortRef, Protocol, Requirement, Rule,
 };
 
 /// The kinds of API object the model is built from.
@@ -191,7 +191,37 @@ pub fn namespace(ns: &core::Namespace) -> Result<Namespace, ConvertError> {
     let name = object_name(meta, is_dns1123_label, DNS1123_LABEL_MSG, &mut errs);
     let mut labels = object_labels(meta, &mut errs);
     labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
-    errs.finish(meta, Kind::Namespace, Namespace { name, labels })
+    let audit = enforcement(meta, &mut errs);
+    errs.finish(
+        meta,
+        Kind::Namespace,
+        Namespace {
+            name,
+            labels,
+            audit,
+        },
+    )
+}
+
+/// The namespace's [`ENFORCEMENT_ANNOTATION`]: `audit` -> true; `enforce` or absent -> false.
+fn enforcement(meta: &meta::ObjectMeta, errs: &mut Errors) -> bool {
+    let value = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ENFORCEMENT_ANNOTATION));
+    match value.map(String::as_str) {
+        None | Some("enforce") => false,
+        Some("audit") => true,
+        Some(other) => {
+            errs.add(
+                &Path::root("metadata")
+                    .child("annotations")
+                    .key(ENFORCEMENT_ANNOTATION),
+                format!("invalid value {other:?}: must be \"enforce\" or \"audit\""),
+            );
+            false
+        }
+    }
 }
 
 /// A Pod: addresses from `status.podIPs`/`status.podIP`, node from `spec.nodeName`,
@@ -925,6 +955,23 @@ mod tests {
             ns(json!({"metadata": {"name": "prod", "labels": {NAMESPACE_NAME_LABEL: "other"}}}))
                 .unwrap();
         assert_eq!(n.labels.get(NAMESPACE_NAME_LABEL).unwrap(), "prod");
+    }
+
+    #[test]
+    fn namespace_enforcement_annotation() {
+        let with = |value: &str| {
+            ns(json!({"metadata": {"name": "prod",
+                "annotations": {ENFORCEMENT_ANNOTATION: value}}}))
+        };
+        assert!(!ns(json!({"metadata": {"name": "prod"}})).unwrap().audit);
+        assert!(!with("enforce").unwrap().audit);
+        assert!(with("audit").unwrap().audit);
+        assert_err(
+            with("Audit"),
+            "Namespace prod",
+            "metadata.annotations[npc.dev/enforcement]",
+            "must be \"enforce\" or \"audit\"",
+        );
     }
 
     #[test]

@@ -30,7 +30,14 @@ pub struct Namespace {
     pub name: String,
     /// Includes `kubernetes.io/metadata.name`.
     pub labels: Labels,
+    /// The namespace's pods are in audit mode ([`ENFORCEMENT_ANNOTATION`]`: audit`): what their
+    /// policies would deny passes, and is counted and logged as "would block".
+    pub audit: bool,
 }
+
+/// The namespace annotation that switches its pods' policies between `enforce` (the default) and
+/// `audit`.
+pub const ENFORCEMENT_ANNOTATION: &str = "npc.dev/enforcement";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {

@@ -348,6 +348,7 @@ fn state_of(objects: &BTreeMap<ObjectKey, (PathBuf, Object)>) -> ClusterState {
             .or_insert_with(|| Namespace {
                 labels: [(NAMESPACE_NAME_LABEL.to_string(), name.clone())].into(),
                 name,
+                audit: false,
             });
     }
     state
