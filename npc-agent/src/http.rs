@@ -1,5 +1,5 @@
-//! The agent's HTTP endpoint: `/healthz` (the process serves) and `/readyz` (200 only once the
-//! initial policy state is in the maps). Metrics join it on the same address.
+//! The agent's HTTP endpoint: `/healthz` (the process serves), `/readyz` (200 only once the
+//! initial policy state is in the maps) and `/metrics` (Prometheus, OpenMetrics text).
 use std::{
     net::SocketAddr,
     sync::{
@@ -9,9 +9,17 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use axum::{Router, extract::State, http::StatusCode, routing::get};
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
 use tokio::net::TcpListener;
-use tracing::info;
+use tracing::{info, warn};
+
+use crate::metrics::{self, Metrics};
 
 /// Whether the initial state has been written to the maps; shared with the sync loop.
 #[derive(Clone, Debug, Default)]
@@ -27,12 +35,18 @@ impl Readiness {
     }
 }
 
+#[derive(Clone, Debug)]
+struct AppState {
+    ready: Readiness,
+    metrics: Metrics,
+}
+
 async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(ready): State<Readiness>) -> (StatusCode, &'static str) {
-    if ready.is_ready() {
+async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
+    if state.ready.is_ready() {
         (StatusCode::OK, "ready\n")
     } else {
         (
@@ -42,8 +56,28 @@ async fn readyz(State(ready): State<Readiness>) -> (StatusCode, &'static str) {
     }
 }
 
+/// Encodes on the blocking pool: a scrape reads the BPF maps and `/proc`.
+async fn metrics_handler(State(state): State<AppState>) -> Response {
+    let metrics = state.metrics.clone();
+    match tokio::task::spawn_blocking(move || metrics.encode()).await {
+        Ok(Ok(body)) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response(),
+        Ok(Err(e)) => {
+            warn!(error = format!("{e:#}"), "encoding the metrics failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response()
+        }
+        Err(e) => {
+            warn!(error = %e, "encoding the metrics panicked");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "encoding the metrics panicked\n",
+            )
+                .into_response()
+        }
+    }
+}
+
 /// Binds `addr` and serves in the background until the process ends.
-pub async fn serve(addr: SocketAddr, ready: Readiness) -> Result<SocketAddr> {
+pub async fn serve(addr: SocketAddr, ready: Readiness, metrics: Metrics) -> Result<SocketAddr> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("listening on {addr} (--metrics-addr)"))?;
@@ -51,12 +85,63 @@ pub async fn serve(addr: SocketAddr, ready: Readiness) -> Result<SocketAddr> {
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(ready);
+        .route("/metrics", get(metrics_handler))
+        .with_state(AppState { ready, metrics });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "HTTP server stopped");
         }
     });
-    info!(addr = %local, "serving /healthz and /readyz");
+    info!(addr = %local, "serving /healthz, /readyz and /metrics");
     Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read as _, Write as _};
+
+    use super::*;
+
+    /// One HTTP/1.1 request; the whole response as text. (Blocking std I/O on the blocking
+    /// pool: this crate's tokio has no `io-util`.)
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        tokio::task::spawn_blocking(move || {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .unwrap();
+            s.write_all(req.as_bytes()).unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_as_openmetrics() {
+        let metrics = Metrics::without_datapath();
+        metrics.set_attached_interfaces(3);
+        let addr = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            Readiness::default(),
+            metrics,
+        )
+        .await
+        .unwrap();
+        let resp = get(addr, "/metrics").await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        assert!(
+            resp.to_ascii_lowercase().contains(
+                "content-type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n"
+            ),
+            "{resp}"
+        );
+        assert!(resp.contains("\nnpc_attached_interfaces 3\n"), "{resp}");
+        assert!(resp.ends_with("# EOF\n"), "{resp}");
+
+        let resp = get(addr, "/readyz").await;
+        assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+    }
 }

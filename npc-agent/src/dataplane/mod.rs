@@ -2,6 +2,7 @@
 //! API over the maps.
 mod addresses;
 mod bpffs;
+pub mod gc;
 pub mod links;
 mod loader;
 mod maps;
