@@ -1,5 +1,5 @@
-//! The command line: `npc-agent [GLOBAL OPTIONS] [run] [RUN OPTIONS]` and
-//! `npc-agent [GLOBAL OPTIONS] cleanup`.
+//! The command line: `npc-agent [GLOBAL OPTIONS] [run] [RUN OPTIONS]`,
+//! `npc-agent [GLOBAL OPTIONS] dump [MAP] [--json]` and `npc-agent [GLOBAL OPTIONS] cleanup`.
 //!
 //! `run` is the default subcommand: `npc-agent --bpffs DIR --audit` is `npc-agent --bpffs DIR run
 //! --audit`. Global options may stand before or after the subcommand.
@@ -26,6 +26,7 @@ pub const MAX_EVENTS: u32 = 100_000;
     name = "npc-agent",
     version,
     override_usage = "npc-agent [GLOBAL OPTIONS] [run] [DATAPATH OPTIONS]\n       \
+                      npc-agent [GLOBAL OPTIONS] dump [MAP] [--json]\n       \
                       npc-agent [GLOBAL OPTIONS] cleanup",
     after_help = "Without a subcommand, `run` is assumed: `npc-agent --audit` is \
                   `npc-agent run --audit`.\nThe log level comes from RUST_LOG (default: info), \
@@ -103,6 +104,18 @@ pub struct GlobalArgs {
     )]
     pub bpffs: PathBuf,
 
+    /// Directory where the agent publishes what the numbers in the maps stand for (pods,
+    /// identities, rules: names.json), for `dump`.
+    #[arg(
+        long,
+        global = true,
+        env = "NPC_STATE_DIR",
+        value_name = "DIR",
+        default_value = "/run/npc",
+        value_parser = parse_dir
+    )]
+    pub state_dir: PathBuf,
+
     /// Format of the log lines on stderr (the level comes from RUST_LOG, default info).
     #[arg(long, global = true, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -112,11 +125,31 @@ pub struct GlobalArgs {
 pub enum Command {
     /// Load the datapath and attach it to pod interfaces until SIGTERM or SIGINT (the default).
     Run(RunArgs),
+    /// Print the pinned maps decoded, with pod, namespace and policy names next to the numbers.
+    ///
+    /// Only reads: the maps are opened read-only, and deny events are left to the agent. Works
+    /// while the agent runs or after it stopped (its maps stay pinned under --bpffs); the names
+    /// come from the agent's --state-dir (numbers only when absent).
+    Dump(DumpArgs),
     /// Remove every pin under --bpffs (maps left by stopped agents).
     ///
     /// A running agent keeps enforcing until it exits: it holds its maps open, and its
     /// interface links are its own and go away with it.
     Cleanup,
+}
+
+/// Options of `dump`.
+#[derive(Clone, Debug, Args)]
+pub struct DumpArgs {
+    /// What to print: every map (`all`), one map, or `identities` (what each identity number
+    /// stands for, from the agent's names).
+    #[arg(value_name = "MAP", default_value = "all", value_parser = crate::dump::Selection::parser())]
+    pub map: crate::dump::Selection,
+
+    /// One JSON object with a key per map (field names documented in `npc_agent::dump`)
+    /// instead of tables.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Options of `run`.
@@ -191,6 +224,17 @@ pub struct RunArgs {
     )]
     pub conntrack_size: u32,
 
+    /// Distinct (direction, protocol, port) cells counting blocked connections (the
+    /// `dport` label of npc_blocked_connections_total); ports beyond them are counted under
+    /// dport="other". Like --conntrack-size, a pinned map of another size needs `cleanup` first.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = capacity::BLOCKED,
+        value_parser = clap::value_parser!(u32).range(1..=1_000_000)
+    )]
+    pub blocked_ports: u32,
+
     /// Denied-connection events each CPU may report per second (0 disables events).
     #[arg(
         long,
@@ -231,17 +275,20 @@ impl RunArgs {
         }
     }
 
-    /// What [`crate::run::run`] needs, with the maps pinned under `bpffs`.
-    pub fn into_options(self, bpffs: PathBuf) -> Options {
+    /// What [`crate::run::run`] needs, with the maps pinned under `bpffs` and the names
+    /// published in `state_dir`.
+    pub fn into_options(self, bpffs: PathBuf, state_dir: PathBuf) -> Options {
         let config = self.config();
         Options {
             manifests: self.manifests.clone(),
             node_name: self.node_name.clone(),
             netns_dirs: self.netns_dirs.clone(),
             metrics_addr: self.metrics_addr,
+            state_dir,
             load: LoadOptions {
                 bpffs,
                 conntrack_capacity: self.conntrack_size,
+                blocked_capacity: self.blocked_ports,
                 config,
                 attach_mode: match self.attach_mode {
                     AttachModeArg::Auto => None,
@@ -356,6 +403,7 @@ impl fmt::Display for Glob {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dump::{Section, Selection};
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_args_from(std::iter::once("npc-agent").chain(args.iter().copied()))
@@ -380,9 +428,14 @@ mod tests {
         let (global, run) = run_args(&[]);
         assert_eq!(global.log_format, LogFormat::Text);
         assert_eq!(run.conntrack_size, capacity::CONNTRACK);
+        assert_eq!(run.blocked_ports, capacity::BLOCKED);
         // Deny unknown endpoints, allow the host: the datapath's own defaults.
         assert_eq!(run.config(), Config::default());
-        let opts = run.into_options(global.bpffs);
+        assert_eq!(global.bpffs, PathBuf::from("/sys/fs/bpf/npc"));
+        assert_eq!(global.state_dir, PathBuf::from("/run/npc"));
+        let opts = run.into_options(global.bpffs, global.state_dir);
+        assert_eq!(opts.state_dir, PathBuf::from("/run/npc"));
+        assert_eq!(opts.load.bpffs, PathBuf::from("/sys/fs/bpf/npc"));
         assert_eq!(opts.interfaces, InterfaceFilter::Veths);
         assert_eq!(opts.load.conntrack_capacity, capacity::CONNTRACK);
     }
@@ -403,6 +456,8 @@ mod tests {
             "veth?",
             "--conntrack-size",
             "1000",
+            "--blocked-ports",
+            "7",
             "--events-per-sec",
             "0",
             "--events-burst",
@@ -424,6 +479,7 @@ mod tests {
                 }
             );
             assert_eq!(run.conntrack_size, 1000);
+            assert_eq!(run.blocked_ports, 7);
             let names: Vec<String> = run.interfaces.iter().map(|g| g.to_string()).collect();
             assert_eq!(names, ["cali*", "veth?"]);
         }
@@ -437,6 +493,56 @@ mod tests {
         let cli = parse(&["cleanup", "--bpffs", "/z"]).unwrap();
         assert_eq!(cli.global.bpffs, PathBuf::from("/z"));
         assert!(matches!(cli.into_command(), Command::Cleanup));
+        let (global, run) = run_args(&["--state-dir", "/s", "run", "--audit"]);
+        assert_eq!(global.state_dir, PathBuf::from("/s"));
+        assert_eq!(
+            run.into_options(global.bpffs, global.state_dir).state_dir,
+            PathBuf::from("/s")
+        );
+        let (global, _) = run_args(&["run", "--state-dir", "/t"]);
+        assert_eq!(global.state_dir, PathBuf::from("/t"));
+    }
+
+    fn dump_args(args: &[&str]) -> (GlobalArgs, DumpArgs) {
+        let cli = parse(args).unwrap();
+        let global = cli.global.clone();
+        match cli.into_command() {
+            Command::Dump(dump) => (global, dump),
+            other => panic!("expected dump, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn dump() {
+        let (global, dump) = dump_args(&["dump"]);
+        assert_eq!(dump.map, Selection::All);
+        assert!(!dump.json);
+        assert_eq!(global.bpffs, PathBuf::from("/sys/fs/bpf/npc"));
+        assert_eq!(global.state_dir, PathBuf::from("/run/npc"));
+        let (global, dump) = dump_args(&[
+            "--bpffs",
+            "/b",
+            "dump",
+            "policy",
+            "--json",
+            "--state-dir",
+            "/s",
+        ]);
+        assert_eq!(dump.map, Selection::One(Section::Policy));
+        assert!(dump.json);
+        assert_eq!(global.bpffs, PathBuf::from("/b"));
+        assert_eq!(global.state_dir, PathBuf::from("/s"));
+        for name in npc_common::map_names::ALL {
+            let (_, dump) = dump_args(&["dump", name]);
+            assert_eq!(dump.map, Selection::from_name(name).unwrap());
+        }
+        let (_, dump) = dump_args(&["dump", "identities"]);
+        assert_eq!(dump.map, Selection::One(Section::Identities));
+        let err = parse(&["dump", "conntrak"]).unwrap_err().to_string();
+        assert!(
+            err.contains("conntrack") && err.contains("event_rate"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -451,6 +557,11 @@ mod tests {
             &["--events-burst", "0"],
             &["--interfaces", ""],
             &["--bpffs", ""],
+            &["--state-dir", ""],
+            &["dump", "frobnicate"],
+            &["dump", "policy", "conntrack"],
+            &["dump", "--audit"],
+            &["--audit", "dump"],
             // Run options belong to `run`, not to `cleanup`.
             &["cleanup", "--audit"],
             // Either the implicit run or a subcommand, not both.

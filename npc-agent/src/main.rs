@@ -4,7 +4,7 @@ use std::{io::IsTerminal as _, process::ExitCode};
 use anyhow::{Context as _, Result};
 use npc_agent::{
     cli::{Cli, Command, LogFormat},
-    run,
+    dump, run,
 };
 use tracing_subscriber::{EnvFilter, filter::LevelFilter};
 
@@ -31,12 +31,22 @@ fn main() -> ExitCode {
 
 fn execute(cli: Cli) -> Result<()> {
     let bpffs = cli.global.bpffs.clone();
+    let state_dir = cli.global.state_dir.clone();
+    let format = cli.global.log_format;
     match cli.into_command() {
         Command::Run(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("starting the async runtime")?
-            .block_on(run::run(args.into_options(bpffs))),
+            .block_on(run::run(args.into_options(bpffs, state_dir))),
+        Command::Dump(args) => {
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let mut warn = |message: &str| match format {
+                LogFormat::Text => eprintln!("npc-agent: warning: {message}"),
+                LogFormat::Json => tracing::warn!("{message}"),
+            };
+            dump::run(&bpffs, &state_dir, args.map, args.json, &mut out, &mut warn)
+        }
         Command::Cleanup => {
             let removed = run::cleanup(&bpffs)?;
             for path in &removed {

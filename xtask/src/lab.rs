@@ -5,7 +5,7 @@
 //! xtask only builds and delegates: `npc-lab` (and for `up`, the agent it runs) are built in
 //! release, then `npc-lab` replaces this process with the arguments as given, from the caller's
 //! directory, so relative paths work and Ctrl-C reaches `npc-lab` (which cleans up) directly.
-use std::{env, os::unix::process::CommandExt as _, path::PathBuf, process::Command};
+use std::{env, os::unix::process::CommandExt as _, process::Command};
 
 use anyhow::{Context as _, bail};
 
@@ -81,26 +81,11 @@ pub fn exec_npc_lab(args: &[String], with_agent: bool) -> anyhow::Result<()> {
         build.args(["-p", "npc-agent", "--bin", "npc-agent"]);
     }
     util::run(&mut build)?;
-    let bin = target_dir().join("release").join("npc-lab");
+    let bin = util::target_dir().join("release").join("npc-lab");
     // npc-lab finds the agent next to itself (target/release/npc-agent).
     let err = Command::new(&bin)
         .args(args)
         .env("NPC_LAB_PROG", "cargo xtask lab")
         .exec();
     Err(err).with_context(|| format!("cannot run {}", bin.display()))
-}
-
-/// Where cargo puts build outputs: `CARGO_TARGET_DIR`, else `target/` in the workspace.
-fn target_dir() -> PathBuf {
-    match env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) => {
-            let dir = PathBuf::from(dir);
-            if dir.is_absolute() {
-                dir
-            } else {
-                util::workspace_root().join(dir)
-            }
-        }
-        None => util::workspace_root().join("target"),
-    }
 }

@@ -5,6 +5,7 @@
 mod bench;
 mod demo;
 mod lab;
+mod map_dump;
 mod setup;
 mod test;
 mod util;
@@ -36,6 +37,9 @@ enum Task {
     /// A local "cluster" from manifests in network namespaces, enforced by the agent:
     /// `lab up DIR`, `lab probe`, `lab down`. Needs root.
     Lab(lab::Args),
+    /// Build the agent and print every pinned map decoded, with pod, namespace and policy names
+    /// (`npc-agent dump`). Needs root (BPF).
+    MapDump(map_dump::Args),
     /// Setup, build, and show the sock-shop's policies at work: the reachability matrix
     /// before and after applying them. Needs root.
     Demo(demo::Args),
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
         Task::Test(args) => test::run(args),
         Task::Bench(args) => bench::run(args),
         Task::Lab(args) => lab::run(args),
+        Task::MapDump(args) => map_dump::run(args),
         Task::Demo(args) => demo::run(args),
     };
     // Errors here are messages for the user, not bugs: print the cause chain without the

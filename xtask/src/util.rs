@@ -19,6 +19,21 @@ pub fn workspace_root() -> &'static Path {
         .expect("xtask has a parent directory")
 }
 
+/// Where cargo puts build outputs: `CARGO_TARGET_DIR`, else `target/` in the workspace.
+pub fn target_dir() -> PathBuf {
+    match env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            if dir.is_absolute() {
+                dir
+            } else {
+                workspace_root().join(dir)
+            }
+        }
+        None => workspace_root().join("target"),
+    }
+}
+
 /// Where `cargo install` (bpf-linker) and rustup's proxies live; not on PATH in every shell
 /// (e.g. `sudo`, CI images).
 pub fn cargo_bin_dir() -> Option<PathBuf> {
