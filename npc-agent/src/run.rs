@@ -1,7 +1,7 @@
 //! The agent's subcommands: [`run`] (load the datapath, attach it to the pod interfaces, wait
 //! for a signal) and [`cleanup`] (remove the pins).
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     fmt, io,
     path::{Path, PathBuf},
 };
@@ -19,10 +19,14 @@ use crate::{
     cli::Glob,
     dataplane::{
         AttachMode, Datapath, LoadOptions,
+        gc::spawn_conntrack_gc,
         links::{Link, LinkEvent, watch_links},
     },
+    deny_log,
     http::{self, Readiness},
-    sources::manifests::ManifestsSource,
+    metrics::Metrics,
+    model::convert::Kind,
+    sources::manifests::{ManifestsSource, SourceError},
     sync::{COALESCE, PolicySync},
 };
 
@@ -36,6 +40,8 @@ pub struct Options {
     pub netns_dirs: Vec<PathBuf>,
     /// The HTTP endpoint (/healthz, /readyz).
     pub metrics_addr: std::net::SocketAddr,
+    /// Where the agent publishes its names (`names.json`) for `npc-agent dump`.
+    pub state_dir: PathBuf,
     /// Where and how to load the datapath (pin directory, conntrack size, runtime switches).
     pub load: LoadOptions,
     /// Which interfaces to attach to.
@@ -102,8 +108,9 @@ pub async fn run(opts: Options) -> Result<()> {
         "starting"
     );
     let ready = Readiness::default();
-    http::serve(opts.metrics_addr, ready.clone()).await?;
     let datapath = Datapath::load(&opts.load)?;
+    let metrics = Metrics::new(&opts.load.bpffs)?;
+    http::serve(opts.metrics_addr, ready.clone(), metrics.clone()).await?;
     let mut links = watch_links()
         .await
         .context("watching the network interfaces")?;
@@ -121,7 +128,25 @@ pub async fn run(opts: Options) -> Result<()> {
             None
         }
     };
-    let mut sync = PolicySync::new(&attacher.datapath.maps, opts.netns_dirs, ready.clone())?;
+    let mut sync = PolicySync::new(
+        &attacher.datapath.maps,
+        opts.netns_dirs,
+        ready.clone(),
+        opts.state_dir.clone(),
+        metrics.clone(),
+    )?;
+    let ring = attacher
+        .datapath
+        .maps
+        .events
+        .take()
+        .context("the events ring buffer was already taken")?;
+    let _deny_log = deny_log::spawn(ring, sync.names()).context("reading deny events")?;
+    let _gc = spawn_conntrack_gc(
+        opts.load.bpffs.clone(),
+        CONNTRACK_GC_INTERVAL,
+        metrics.clone(),
+    );
     // When the next sync is due: a burst of changes (policies, pods, new veths) is applied once.
     let mut due = snapshots.as_ref().map(|_| Instant::now());
 
@@ -140,6 +165,7 @@ pub async fn run(opts: Options) -> Result<()> {
             event = links.next() => match event {
                 Some(event) => {
                     attacher.handle(event);
+                    metrics.set_attached_interfaces(attacher.attached.len() as u64);
                     // A new veth may be a pod's: learn it (anti-spoofing).
                     if snapshots.is_some() {
                         due.get_or_insert(Instant::now() + COALESCE);
@@ -156,6 +182,7 @@ pub async fn run(opts: Options) -> Result<()> {
             () = next_sync => {
                 due = None;
                 let snapshot = snapshots.as_mut().expect("a sync is only due with a source").borrow_and_update().clone();
+                metrics.set_invalid_objects(&invalid_objects(&snapshot.errors));
                 if let Err(error) = sync.sync(&mut attacher.datapath.maps, &snapshot.state).await {
                     // The maps keep their last good contents; try again shortly.
                     warn!(error = format!("{error:#}"), "policy sync failed; retrying in 1 s");
@@ -166,6 +193,32 @@ pub async fn run(opts: Options) -> Result<()> {
     };
     attacher.detach_all();
     result
+}
+
+/// How often expired conntrack entries are deleted (and `npc_conntrack_entries` refreshed).
+const CONNTRACK_GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The problems of a manifests load by kind of object (`file` for files and documents that are
+/// no object), for `npc_invalid_objects{kind}`.
+fn invalid_objects(errors: &[SourceError]) -> BTreeMap<String, u64> {
+    // Every kind, so the series exist (at 0) before the first problem.
+    let mut by_kind: BTreeMap<String, u64> = Kind::ALL
+        .iter()
+        .map(|k| k.as_str())
+        .chain(["file"])
+        .map(|k| (k.to_string(), 0))
+        .collect();
+    for e in errors {
+        let kind = match e {
+            SourceError::Object { error, .. } => error.kind.as_str(),
+            SourceError::Duplicate { key, .. } => key.kind.as_str(),
+            SourceError::Directory { .. }
+            | SourceError::File { .. }
+            | SourceError::Document { .. } => "file",
+        };
+        *by_kind.entry(kind.to_string()).or_insert(0) += 1;
+    }
+    by_kind
 }
 
 /// SIGTERM and SIGINT.

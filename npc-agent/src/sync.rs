@@ -1,16 +1,20 @@
 //! The policy sync: cluster state in, maps out. Compiles the state, learns which host veth
 //! carries which local pod, and has the reconciler write the difference. Bursts of changes are
 //! coalesced by the caller (`run`), which calls `sync` at most every `COALESCE`.
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Instant};
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, sync::Arc, time::Instant};
 
 use anyhow::{Context as _, Result};
+use npc_common::map_names;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
     compiler::{Identities, compile},
     dataplane::{Maps, node_addresses, pod_veths},
     http::Readiness,
+    metrics::{Metrics, StateStats},
     model::ClusterState,
+    names::Names,
     reconcile::{Reconciler, Stats},
 };
 
@@ -23,22 +27,55 @@ pub struct PolicySync {
     /// Where the pods' network namespaces are (to learn their host veths).
     netns_dirs: Vec<PathBuf>,
     ready: Readiness,
+    /// Where the names are published for `npc-agent dump`.
+    state_dir: PathBuf,
+    /// The names of what the maps hold, for the denied-connection log.
+    names: watch::Sender<Arc<Names>>,
+    /// Whether the names file was written since the agent started.
+    published: bool,
+    metrics: Metrics,
 }
 
 impl PolicySync {
     /// Adopts what the maps hold now (left by a previous agent, or empty).
-    pub fn new(maps: &Maps, netns_dirs: Vec<PathBuf>, ready: Readiness) -> Result<PolicySync> {
+    pub fn new(
+        maps: &Maps,
+        netns_dirs: Vec<PathBuf>,
+        ready: Readiness,
+        state_dir: PathBuf,
+        metrics: Metrics,
+    ) -> Result<PolicySync> {
         Ok(PolicySync {
             reconciler: Reconciler::adopt(maps).context("reading the maps to adopt them")?,
             identities: Identities::default(),
             netns_dirs,
             ready,
+            state_dir,
+            names: watch::Sender::new(Arc::new(Names::default())),
+            published: false,
+            metrics,
         })
+    }
+
+    /// The names of the last synced state (updated after every sync).
+    pub fn names(&self) -> watch::Receiver<Arc<Names>> {
+        self.names.subscribe()
     }
 
     /// Brings the maps to `state`. The first success makes the agent ready.
     pub async fn sync(&mut self, maps: &mut Maps, state: &ClusterState) -> Result<Stats> {
         let start = Instant::now();
+        let result = self.sync_inner(maps, state, start).await;
+        self.metrics.observe_sync(start.elapsed(), result.is_ok());
+        result
+    }
+
+    async fn sync_inner(
+        &mut self,
+        maps: &mut Maps,
+        state: &ClusterState,
+        start: Instant,
+    ) -> Result<Stats> {
         let mut state = state.clone();
         state.node_ips = node_addresses()
             .await
@@ -46,6 +83,8 @@ impl PolicySync {
         let desired = compile(&state, &mut self.identities);
         let veths = self.learn_veths().await;
         let stats = self.reconciler.apply(maps, &desired, &veths)?;
+        self.publish_names(&state, &desired);
+        self.metrics.set_state(&self.state_stats(&desired));
         let local_pods = desired
             .endpoints
             .values()
@@ -66,6 +105,44 @@ impl PolicySync {
         );
         self.ready.set_ready();
         Ok(stats)
+    }
+
+    /// What the maps hold now, for the metrics.
+    fn state_stats(&self, desired: &crate::compiler::Desired) -> StateStats {
+        let realized = self.reconciler.realized();
+        let local = realized
+            .endpoints
+            .values()
+            .filter(|e| e.flags & npc_common::ENDPOINT_LOCAL != 0)
+            .count() as u64;
+        StateStats {
+            identities: (desired.identities.len() + desired.cidr_blocks.len()) as u64,
+            local_endpoints: local,
+            remote_endpoints: realized.endpoints.len() as u64 - local,
+            map_entries: vec![
+                (map_names::ENDPOINTS, realized.endpoints.len() as u64),
+                (map_names::INTERFACES, realized.interfaces.len() as u64),
+                (map_names::CIDRS, realized.cidrs.len() as u64),
+                (map_names::POLICY, realized.policy.len() as u64),
+            ],
+        }
+    }
+
+    /// Hands the names to the deny log and publishes them for `npc-agent dump`; a failure to
+    /// write the file only costs dump its names, so it is logged, not fatal.
+    fn publish_names(&mut self, state: &ClusterState, desired: &crate::compiler::Desired) {
+        let names = Names::build(state, desired);
+        if self.published && **self.names.borrow() == names {
+            return;
+        }
+        match names.publish(&self.state_dir) {
+            Ok(()) => self.published = true,
+            Err(error) => warn!(
+                error = format!("{error:#}"),
+                "publishing names for npc-agent dump failed"
+            ),
+        }
+        self.names.send_replace(Arc::new(names));
     }
 
     async fn learn_veths(&self) -> BTreeMap<IpAddr, u32> {

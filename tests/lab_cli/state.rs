@@ -154,6 +154,12 @@ pub fn log_path(name: &str, what: &str) -> PathBuf {
     Path::new(STATE_DIR).join(format!("{name}.{what}.log"))
 }
 
+/// `/run/npc-lab/<name>.agent-state`: the agent's `--state-dir` (the names `npc-agent dump`
+/// reads).
+pub fn agent_state_dir(name: &str) -> PathBuf {
+    Path::new(STATE_DIR).join(format!("{name}.agent-state"))
+}
+
 /// The lab's own directory (e.g. the demo's manifests).
 pub fn lab_dir(name: &str) -> PathBuf {
     Path::new(STATE_DIR).join(name)

@@ -288,6 +288,8 @@ fn start_agent(opts: &UpOptions, agent: &Path, st: &mut State) -> Result<()> {
         let mut cmd = Command::new(agent);
         cmd.arg("--bpffs")
             .arg(&bpffs)
+            .arg("--state-dir")
+            .arg(state::agent_state_dir(&opts.name))
             .arg("--manifests")
             .arg(&st.manifests)
             .arg("--metrics-addr")
@@ -466,6 +468,9 @@ pub fn teardown(name: &str) -> Result<Removed> {
     }
     if let Some(agent) = &st.agent {
         if let Err(e) = state::remove_dir(&agent.bpffs) {
+            errors.push(format!("{e:#}"));
+        }
+        if let Err(e) = state::remove_dir(&state::agent_state_dir(name)) {
             errors.push(format!("{e:#}"));
         }
         if let Err(e) = state::remove_file(&agent.log) {

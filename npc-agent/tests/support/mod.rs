@@ -15,6 +15,8 @@ use std::{
 };
 
 use npc_agent::dataplane::Maps;
+
+pub mod cluster;
 use npc_tests::lab::{Lab, in_netns};
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_npc-agent");
@@ -67,6 +69,8 @@ pub struct Agent {
     pub readers: Vec<JoinHandle<()>>,
     pub bpffs: PathBuf,
     pub owns_bpffs: bool,
+    /// Its `--state-dir` (names for dump), removed on drop.
+    pub state_dir: PathBuf,
     pub json: bool,
 }
 
@@ -92,6 +96,16 @@ pub fn unique_bpffs() -> PathBuf {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     PathBuf::from(format!(
         "/sys/fs/bpf/npc-agenttest-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// A state directory of its own for each agent: `/tmp/npc-agenttest-state-<pid>-<n>`.
+pub fn unique_state_dir() -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    std::env::temp_dir().join(format!(
+        "npc-agenttest-state-{}-{}",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     ))
@@ -123,8 +137,11 @@ impl Agent {
                 cmd
             }
         };
+        let state_dir = unique_state_dir();
         cmd.arg("--bpffs")
             .arg(&bpffs)
+            .arg("--state-dir")
+            .arg(&state_dir)
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -162,6 +179,7 @@ impl Agent {
             readers,
             bpffs,
             owns_bpffs,
+            state_dir,
             json: args.windows(2).any(|w| w == ["--log-format", "json"]),
         }
     }
@@ -287,6 +305,7 @@ impl Drop for Agent {
         if self.owns_bpffs {
             remove_bpffs(&self.bpffs);
         }
+        let _ = std::fs::remove_dir_all(&self.state_dir);
         if std::thread::panicking() {
             eprintln!("npc-agent output:\n{}", self.log());
         }
