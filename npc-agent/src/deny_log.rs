@@ -59,7 +59,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::names::{EndpointName, Names};
+use crate::names::{EndpointName, Names, protocol_name};
 
 /// The `tracing` target of the log lines.
 pub const TARGET: &str = "npc::denied";
@@ -292,17 +292,6 @@ const UNKNOWN: &str = "unknown";
 
 fn has_ports(protocol: u8) -> bool {
     matches!(protocol, ipproto::TCP | ipproto::UDP | ipproto::SCTP)
-}
-
-fn protocol_name(protocol: u8) -> Cow<'static, str> {
-    Cow::Borrowed(match protocol {
-        ipproto::TCP => "tcp",
-        ipproto::UDP => "udp",
-        ipproto::SCTP => "sctp",
-        ipproto::ICMP => "icmp",
-        ipproto::ICMPV6 => "icmpv6",
-        other => return Cow::Owned(other.to_string()),
-    })
 }
 
 /// `ip:port` (`[v6]:port`), or the bare address for a protocol without ports.

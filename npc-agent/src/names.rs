@@ -6,6 +6,7 @@
 //! reads it in the agent; `npc-agent dump` (a separate process, possibly while the agent is down)
 //! reads the copy the agent publishes as JSON in its state directory ([`Names::publish`]).
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     io,
     net::IpAddr,
@@ -14,7 +15,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use ipnet::IpNet;
-use npc_common::{Direction, ENDPOINT_LOCAL, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD};
+use npc_common::{Direction, ENDPOINT_LOCAL, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, ipproto};
 use serde::{Deserialize, Serialize};
 
 use crate::{compiler::Desired, model::ClusterState};
@@ -308,6 +309,18 @@ impl Names {
             .map(Some)
             .with_context(|| format!("decoding {}", path.display()))
     }
+}
+
+/// An IP protocol's name (`tcp`, `udp`, `sctp`, `icmp`, `icmpv6`), else its number.
+pub fn protocol_name(protocol: u8) -> Cow<'static, str> {
+    Cow::Borrowed(match protocol {
+        ipproto::TCP => "tcp",
+        ipproto::UDP => "udp",
+        ipproto::SCTP => "sctp",
+        ipproto::ICMP => "icmp",
+        ipproto::ICMPV6 => "icmpv6",
+        other => return Cow::Owned(other.to_string()),
+    })
 }
 
 /// Where [`Names::publish`] writes in `dir`.

@@ -110,15 +110,19 @@ impl PolicySync {
     /// What the maps hold now, for the metrics.
     fn state_stats(&self, desired: &crate::compiler::Desired) -> StateStats {
         let realized = self.reconciler.realized();
-        let local = realized
-            .endpoints
-            .values()
-            .filter(|e| e.flags & npc_common::ENDPOINT_LOCAL != 0)
-            .count() as u64;
+        // Pod addresses only: the node's own addresses (identity HOST) are no pod endpoint.
+        let (mut local, mut remote) = (0, 0);
+        for e in realized.endpoints.values() {
+            if e.flags & npc_common::ENDPOINT_LOCAL != 0 {
+                local += 1;
+            } else if e.identity != npc_common::IDENTITY_HOST {
+                remote += 1;
+            }
+        }
         StateStats {
             identities: (desired.identities.len() + desired.cidr_blocks.len()) as u64,
             local_endpoints: local,
-            remote_endpoints: realized.endpoints.len() as u64 - local,
+            remote_endpoints: remote,
             map_entries: vec![
                 (map_names::ENDPOINTS, realized.endpoints.len() as u64),
                 (map_names::INTERFACES, realized.interfaces.len() as u64),

@@ -288,6 +288,11 @@ fn denied_connects_are_counted_once_and_logged_with_pods_and_policies() {
         "{}",
         after.text
     );
+    assert_eq!(
+        after.get("npc_endpoints", &[("local", "false")]),
+        0.0,
+        "the node's own addresses are no pod endpoints"
+    );
     assert_eq!(after.get("npc_identities", &[]), 3.0);
     assert!(after.get("npc_attached_interfaces", &[]) >= 3.0);
     assert!(after.get("npc_map_entries", &[("map", "policy")]) >= 1.0);

@@ -23,7 +23,7 @@ use super::model::{
     Blocked, Cidr, ConfigValue, CounterValue, DeniedFlow, DropCell, Endpoint, EventRate, Flow,
     Fragment, Identity, Interface, PolicyRule,
 };
-use crate::names::{EndpointName, Names};
+use crate::names::{EndpointName, Names, protocol_name};
 
 pub const ENDPOINT_FLAGS: &[(u32, &str)] = &[
     (ENDPOINT_LOCAL, "local"),
@@ -72,18 +72,6 @@ pub fn flag_names(bits: u32, table: &[(u32, &str)]) -> Vec<String> {
         out.push(format!("{rest:#x}"));
     }
     out
-}
-
-/// `tcp`, `udp`, ... or the number.
-pub fn protocol_name(protocol: u8) -> Cow<'static, str> {
-    match protocol {
-        ipproto::TCP => "tcp".into(),
-        ipproto::UDP => "udp".into(),
-        ipproto::SCTP => "sctp".into(),
-        ipproto::ICMP => "icmp".into(),
-        ipproto::ICMPV6 => "icmpv6".into(),
-        p => p.to_string().into(),
-    }
 }
 
 /// `ingress`, `egress`, or `unknown(N)`.
