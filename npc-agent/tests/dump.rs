@@ -395,7 +395,7 @@ fn text_dump_names_every_map() {
             "no {name} section"
         );
     }
-    assert!(text.contains("== endpoints: 4 entries (capacity 65536) =="));
+    assert!(text.contains("== endpoints: 4 entries (capacity 262144) =="));
 
     let endpoints = section(&text, "endpoints");
     row(
@@ -555,7 +555,7 @@ fn json_dump_has_numbers_and_names() {
     assert_eq!(json["meta"]["bpffs"], f.bpffs().display().to_string());
 
     assert_eq!(json["endpoints"]["count"], 4);
-    assert_eq!(json["endpoints"]["max_entries"], 65536);
+    assert_eq!(json["endpoints"]["max_entries"], 262144);
     let web = entry(&json, "endpoints", |e| e["ip"] == "10.0.0.1");
     assert_eq!(web["pod"], "shop/web-1");
     assert_eq!(web["identity"], WEB);

@@ -65,7 +65,9 @@ pub mod verdict {
 
 /// Default capacities of the maps (the agent may override them at load time).
 pub mod capacity {
-    pub const ENDPOINTS: u32 = 65_536;
+    /// Pod addresses of the whole cluster (100,000 dual-stack pods fit). Not preallocated:
+    /// memory follows the entries, not the capacity.
+    pub const ENDPOINTS: u32 = 262_144;
     pub const INTERFACES: u32 = 4_096;
     pub const CIDRS: u32 = 65_536;
     pub const POLICY: u32 = 262_144;

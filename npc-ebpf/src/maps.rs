@@ -10,8 +10,12 @@ use npc_common::{
     PolicyKey, RateLimit, capacity,
 };
 
+/// `BPF_F_NO_PREALLOC`: elements are allocated on update (only the agent updates these maps).
+const BPF_F_NO_PREALLOC: u32 = 1;
+
 #[map(name = "endpoints")]
-pub static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
+pub static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> =
+    HashMap::pinned(capacity::ENDPOINTS, BPF_F_NO_PREALLOC);
 
 #[map(name = "interfaces")]
 pub static INTERFACES: HashMap<u32, InterfaceInfo> = HashMap::pinned(capacity::INTERFACES, 0);
