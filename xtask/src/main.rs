@@ -4,6 +4,7 @@
 
 mod bench;
 mod demo;
+mod kube_apiserver;
 mod lab;
 mod map_dump;
 mod setup;
@@ -43,6 +44,10 @@ enum Task {
     /// Setup, build, and show the sock-shop's policies at work: the reachability matrix
     /// before and after applying them. Needs root.
     Demo(demo::Args),
+    /// Build kube-apiserver (Kubernetes 1.20.2, from Debian's source package) and fetch etcd
+    /// for the tests that need a real API server; once, cached in target/kube/. Root for the
+    /// build (apt).
+    KubeApiserver,
 }
 
 fn main() -> ExitCode {
@@ -53,6 +58,7 @@ fn main() -> ExitCode {
         Task::Lab(args) => lab::run(args),
         Task::MapDump(args) => map_dump::run(args),
         Task::Demo(args) => demo::run(args),
+        Task::KubeApiserver => kube_apiserver::run(),
     };
     // Errors here are messages for the user, not bugs: print the cause chain without the
     // backtrace anyhow would add when RUST_BACKTRACE is set (as in CI).

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::bail;
 
 use crate::{
-    setup,
+    kube_apiserver, setup,
     util::{self, command},
 };
 
@@ -34,6 +34,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Nothing below can work without the tools setup installs.
     setup_result?;
     results.push(("setup", true, took));
+
+    // The tests that run a real API server find its binaries through NPC_KUBE_APISERVER and
+    // NPC_ETCD; built once per machine (minutes), then instant.
+    header("kube-apiserver", "cargo xtask kube-apiserver");
+    let (kube_result, took) = util::timed(kube_apiserver::ensure);
+    footer("kube-apiserver", &kube_result, took);
+    let kube = kube_result?;
+    results.push(("kube-apiserver", true, took));
 
     let mut fmt = command("cargo");
     fmt.args(["fmt", "--all", "--", "--check"]);
@@ -65,7 +73,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut test = command("cargo");
     test.args(["test", "--workspace", "--exclude", "npc-ebpf", "--release"])
         .args(&args.cargo_test_args)
-        .env("RUST_BACKTRACE", "1");
+        .env("RUST_BACKTRACE", "1")
+        .env("NPC_KUBE_APISERVER", &kube.kube_apiserver)
+        .env("NPC_ETCD", &kube.etcd);
 
     // Keep going after a failure: a fmt nit should not hide what clippy and the tests say.
     let mut tally = Tally::default();
@@ -91,7 +101,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("==> summary");
     for (name, ok, took) in &results {
         let status = if *ok { "ok" } else { "FAILED" };
-        println!("    {name:<12} {status:<7} {}", util::secs(*took));
+        println!("    {name:<15} {status:<7} {}", util::secs(*took));
     }
     let failed: Vec<&str> = results
         .iter()
