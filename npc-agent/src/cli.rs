@@ -13,7 +13,7 @@ use npc_common::{CONFIG_ALLOW_HOST, CONFIG_AUDIT, CONFIG_UNKNOWN_ALLOW, Config, 
 
 use crate::{
     dataplane::{AttachMode, LoadOptions},
-    run::{InterfaceFilter, Options},
+    run::{InterfaceFilter, Options, PolicySource},
 };
 
 /// Largest `--events-per-sec` and `--events-burst`: the datapath's token bucket multiplies them
@@ -157,12 +157,19 @@ pub struct DumpArgs {
 #[command(next_help_heading = "Datapath")]
 pub struct RunArgs {
     /// Take Namespaces, Pods and NetworkPolicies from the YAML/JSON manifests in DIR (watched:
-    /// changes apply within a second) instead of the Kubernetes API.
+    /// changes apply within a second) instead of the Kubernetes API (the default: in-cluster
+    /// config or KUBECONFIG).
     #[arg(long, value_name = "DIR", help_heading = "Policy source")]
     pub manifests: Option<PathBuf>,
 
-    /// This node's name: pods with this `spec.nodeName` are local. In manifests mode, when
-    /// absent every pod is local.
+    /// No policy source: attach the datapath with its defaults only (every pod is an unknown
+    /// endpoint). For trying the attachment.
+    #[arg(long, conflicts_with = "manifests", help_heading = "Policy source")]
+    pub datapath_only: bool,
+
+    /// This node's name: pods with this `spec.nodeName` are local. Required in Kubernetes mode
+    /// (set it from the downward API's spec.nodeName); in manifests mode, when absent every pod
+    /// is local.
     #[arg(
         long,
         env = "NODE_NAME",
@@ -280,7 +287,11 @@ impl RunArgs {
     pub fn into_options(self, bpffs: PathBuf, state_dir: PathBuf) -> Options {
         let config = self.config();
         Options {
-            manifests: self.manifests.clone(),
+            source: match (&self.manifests, self.datapath_only) {
+                (Some(dir), _) => PolicySource::Manifests(dir.clone()),
+                (None, true) => PolicySource::DatapathOnly,
+                (None, false) => PolicySource::Kubernetes,
+            },
             node_name: self.node_name.clone(),
             netns_dirs: self.netns_dirs.clone(),
             metrics_addr: self.metrics_addr,

@@ -1,7 +1,7 @@
 //! The agent's subcommands: [`run`] (load the datapath, attach it to the pod interfaces, wait
 //! for a signal) and [`cleanup`] (remove the pins).
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     fmt, io,
     path::{Path, PathBuf},
 };
@@ -25,16 +25,16 @@ use crate::{
     deny_log,
     http::{self, Readiness},
     metrics::Metrics,
-    model::convert::Kind,
-    sources::manifests::{ManifestsSource, SourceError},
+    sources::{Source, kube::KubeWatch, manifests::ManifestsSource},
     sync::{COALESCE, PolicySync},
 };
 
 /// What [`run`] does; built from the command line by [`crate::cli::RunArgs::into_options`].
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// The manifests directory (manifests mode); `None`: no policy source yet.
-    pub manifests: Option<PathBuf>,
+    /// Where Namespaces, Pods and NetworkPolicies come from.
+    pub source: PolicySource,
+    /// This node's name (pods with this `spec.nodeName` are local); required in Kubernetes mode.
     pub node_name: Option<String>,
     /// Where pod network namespaces are mounted.
     pub netns_dirs: Vec<PathBuf>,
@@ -46,6 +46,17 @@ pub struct Options {
     pub load: LoadOptions,
     /// Which interfaces to attach to.
     pub interfaces: InterfaceFilter,
+}
+
+/// Where the agent takes the cluster state from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PolicySource {
+    /// The Kubernetes API server (in-cluster config or `KUBECONFIG`).
+    Kubernetes,
+    /// A watched directory of manifests.
+    Manifests(PathBuf),
+    /// None: only the datapath's defaults apply (every pod is an unknown endpoint).
+    DatapathOnly,
 }
 
 /// Which interfaces of the agent's network namespace get the datapath.
@@ -116,14 +127,32 @@ pub async fn run(opts: Options) -> Result<()> {
         .context("watching the network interfaces")?;
     let mut attacher = Attacher::new(datapath, opts.interfaces);
 
-    let mut snapshots = match &opts.manifests {
-        Some(dir) => {
+    let mut source = match &opts.source {
+        PolicySource::Manifests(dir) => {
             info!(dir = %dir.display(), node = ?opts.node_name, "policy source: manifests");
-            let source = ManifestsSource::new(dir.clone(), opts.node_name.clone());
-            Some(source.watch().await.context("reading the manifests")?)
+            let manifests = ManifestsSource::new(dir.clone(), opts.node_name.clone());
+            Some(Source::Manifests(
+                manifests.watch().await.context("reading the manifests")?,
+            ))
         }
-        None => {
-            warn!("no policy source (--manifests): only the datapath's defaults apply");
+        PolicySource::Kubernetes => {
+            let node = opts.node_name.clone().context(
+                "Kubernetes mode needs this node's name: set --node-name or NODE_NAME (from \
+                 the downward API's spec.nodeName), or use --manifests DIR",
+            )?;
+            let client = kube::Client::try_default().await.context(
+                "Kubernetes mode: no usable API credentials (neither an in-cluster \
+                 ServiceAccount nor KUBECONFIG); use --manifests DIR without a cluster",
+            )?;
+            info!(node = %node, "policy source: Kubernetes API");
+            Some(Source::Kube(KubeWatch::start(
+                client,
+                node,
+                metrics.clone(),
+            )))
+        }
+        PolicySource::DatapathOnly => {
+            warn!("no policy source (--datapath-only): only the datapath's defaults apply");
             ready.set_ready();
             None
         }
@@ -148,7 +177,8 @@ pub async fn run(opts: Options) -> Result<()> {
         metrics.clone(),
     );
     // When the next sync is due: a burst of changes (policies, pods, new veths) is applied once.
-    let mut due = snapshots.as_ref().map(|_| Instant::now());
+    // The first is due when the source has its initial state.
+    let mut due: Option<Instant> = None;
 
     let result = loop {
         let next_sync = async {
@@ -167,23 +197,25 @@ pub async fn run(opts: Options) -> Result<()> {
                     attacher.handle(event);
                     metrics.set_attached_interfaces(attacher.attached.len() as u64);
                     // A new veth may be a pod's: learn it (anti-spoofing).
-                    if snapshots.is_some() {
+                    if source.is_some() && sync.has_synced() {
                         due.get_or_insert(Instant::now() + COALESCE);
                     }
                 }
                 None => break Err(anyhow!("the network interface watch stopped")),
             },
-            changed = async { snapshots.as_mut().expect("guarded").changed().await }, if snapshots.is_some() => {
+            changed = async { source.as_mut().expect("guarded").changed().await }, if source.is_some() => {
                 if changed.is_err() {
-                    break Err(anyhow!("the manifests watch stopped"));
+                    break Err(anyhow!("the policy source stopped"));
                 }
-                due.get_or_insert(Instant::now() + COALESCE);
+                // The initial state at once, later changes coalesced.
+                let delay = if sync.has_synced() { COALESCE } else { std::time::Duration::ZERO };
+                due.get_or_insert(Instant::now() + delay);
             }
             () = next_sync => {
                 due = None;
-                let snapshot = snapshots.as_mut().expect("a sync is only due with a source").borrow_and_update().clone();
-                metrics.set_invalid_objects(&invalid_objects(&snapshot.errors));
-                if let Err(error) = sync.sync(&mut attacher.datapath.maps, &snapshot.state).await {
+                let update = source.as_mut().expect("a sync is only due with a source").current();
+                metrics.set_invalid_objects(&update.invalid_objects);
+                if let Err(error) = sync.sync(&mut attacher.datapath.maps, &update.state).await {
                     // The maps keep their last good contents; try again shortly.
                     warn!(error = format!("{error:#}"), "policy sync failed; retrying in 1 s");
                     due = Some(Instant::now() + std::time::Duration::from_secs(1));
@@ -197,29 +229,6 @@ pub async fn run(opts: Options) -> Result<()> {
 
 /// How often expired conntrack entries are deleted (and `npc_conntrack_entries` refreshed).
 const CONNTRACK_GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// The problems of a manifests load by kind of object (`file` for files and documents that are
-/// no object), for `npc_invalid_objects{kind}`.
-fn invalid_objects(errors: &[SourceError]) -> BTreeMap<String, u64> {
-    // Every kind, so the series exist (at 0) before the first problem.
-    let mut by_kind: BTreeMap<String, u64> = Kind::ALL
-        .iter()
-        .map(|k| k.as_str())
-        .chain(["file"])
-        .map(|k| (k.to_string(), 0))
-        .collect();
-    for e in errors {
-        let kind = match e {
-            SourceError::Object { error, .. } => error.kind.as_str(),
-            SourceError::Duplicate { key, .. } => key.kind.as_str(),
-            SourceError::Directory { .. }
-            | SourceError::File { .. }
-            | SourceError::Document { .. } => "file",
-        };
-        *by_kind.entry(kind.to_string()).or_insert(0) += 1;
-    }
-    by_kind
-}
 
 /// SIGTERM and SIGINT.
 struct Signals {

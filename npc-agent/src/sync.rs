@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    compiler::{Identities, compile},
+    compiler::{Identities, compile_on_node},
     dataplane::{Maps, node_addresses, pod_veths},
     http::Readiness,
     metrics::{Metrics, StateStats},
@@ -57,6 +57,11 @@ impl PolicySync {
         })
     }
 
+    /// Whether a sync succeeded since the agent started.
+    pub fn has_synced(&self) -> bool {
+        self.ready.is_ready()
+    }
+
     /// The names of the last synced state (updated after every sync).
     pub fn names(&self) -> watch::Receiver<Arc<Names>> {
         self.names.subscribe()
@@ -76,14 +81,13 @@ impl PolicySync {
         state: &ClusterState,
         start: Instant,
     ) -> Result<Stats> {
-        let mut state = state.clone();
-        state.node_ips = node_addresses()
+        let node_ips = node_addresses()
             .await
             .context("reading the node's addresses")?;
-        let desired = compile(&state, &mut self.identities);
+        let desired = compile_on_node(state, &node_ips, &mut self.identities);
         let veths = self.learn_veths().await;
         let stats = self.reconciler.apply(maps, &desired, &veths)?;
-        self.publish_names(&state, &desired);
+        self.publish_names(state, &desired);
         self.metrics.set_state(&self.state_stats(&desired));
         let local_pods = desired
             .endpoints

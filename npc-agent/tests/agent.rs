@@ -84,7 +84,7 @@ fn unknown_endpoints_deny_drops_once_attached() {
     let agent = Agent::start(
         &s.lab,
         Enter::IpNetnsExec,
-        &["run", "--unknown-endpoints", "deny"],
+        &["run", "--datapath-only", "--unknown-endpoints", "deny"],
     );
     let line = agent.wait_attached(&s.a.host_veth);
     assert!(
@@ -105,7 +105,7 @@ fn unknown_endpoints_deny_drops_once_attached() {
 #[test]
 fn veth_added_later_is_attached() {
     let s = setup();
-    let mut agent = Agent::start(&s.lab, Enter::Netns, &["run"]);
+    let mut agent = Agent::start(&s.lab, Enter::Netns, &["run", "--datapath-only"]);
     agent.wait_attached(&s.a.host_veth);
     agent.wait_attached(&s.b.host_veth);
 
@@ -134,7 +134,7 @@ fn veth_added_later_is_attached() {
 #[test]
 fn veth_churn_is_survived() {
     let s = setup();
-    let mut agent = Agent::start(&s.lab, Enter::Netns, &["run"]);
+    let mut agent = Agent::start(&s.lab, Enter::Netns, &["run", "--datapath-only"]);
     agent.wait_attached(&s.b.host_veth);
     s.lab
         .exec(
@@ -175,7 +175,13 @@ fn unknown_endpoints_allow_passes() {
     let agent = Agent::start(
         &s.lab,
         Enter::Netns,
-        &["--log-format", "json", "--unknown-endpoints", "allow"],
+        &[
+            "--log-format",
+            "json",
+            "--datapath-only",
+            "--unknown-endpoints",
+            "allow",
+        ],
     );
     agent.wait_attached(&s.a.host_veth);
     agent.wait_attached(&s.b.host_veth);
@@ -198,7 +204,7 @@ fn unknown_endpoints_allow_passes() {
 #[test]
 fn sigterm_exits_cleanly_and_detaches() {
     let s = setup();
-    let mut agent = Agent::start(&s.lab, Enter::Netns, &["run"]);
+    let mut agent = Agent::start(&s.lab, Enter::Netns, &["run", "--datapath-only"]);
     agent.wait_attached(&s.a.host_veth);
     agent.wait_attached(&s.b.host_veth);
     assert_eq!(s.a_to_b(), ConnectOutcome::TimedOut);
@@ -217,7 +223,7 @@ fn sigterm_exits_cleanly_and_detaches() {
 #[test]
 fn cleanup_removes_the_pins() {
     let s = setup();
-    let mut agent = Agent::start(&s.lab, Enter::Netns, &["run"]);
+    let mut agent = Agent::start(&s.lab, Enter::Netns, &["run", "--datapath-only"]);
     agent.wait_attached(&s.a.host_veth);
     agent.signal(libc::SIGINT);
     assert_eq!(agent.wait_exit().code(), Some(0), "{}", agent.log());
@@ -292,7 +298,14 @@ fn interfaces_glob_selects_by_name() {
     let agent = Agent::start(
         &s.lab,
         Enter::Netns,
-        &["run", "--interfaces", "npc1-*", "--interfaces", "npc?-c"],
+        &[
+            "run",
+            "--datapath-only",
+            "--interfaces",
+            "npc1-*",
+            "--interfaces",
+            "npc?-c",
+        ],
     );
     assert_eq!(s.b.host_veth, "npc1-b", "the lab's naming changed");
     agent.wait_attached(&s.b.host_veth);
@@ -308,18 +321,22 @@ fn interfaces_glob_selects_by_name() {
 fn restart_reuses_the_pins() {
     let s = setup();
     let dir = BpffsDir(unique_bpffs());
-    let mut first = Agent::start_in(&s.lab, &dir, &["run"]);
+    let mut first = Agent::start_in(&s.lab, &dir, &["run", "--datapath-only"]);
     first.wait_attached(&s.a.host_veth);
     first.signal(libc::SIGTERM);
     assert_eq!(first.wait_exit().code(), Some(0), "{}", first.log());
 
-    let second = Agent::start_in(&s.lab, &dir, &["run"]);
+    let second = Agent::start_in(&s.lab, &dir, &["run", "--datapath-only"]);
     second.wait_attached(&s.a.host_veth);
     second.wait_attached(&s.b.host_veth);
     assert_eq!(s.a_to_b(), ConnectOutcome::TimedOut);
     drop(second); // SIGKILL: the pins stay.
 
-    let mut third = Agent::start_in(&s.lab, &dir, &["run", "--conntrack-size", "1024"]);
+    let mut third = Agent::start_in(
+        &s.lab,
+        &dir,
+        &["run", "--datapath-only", "--conntrack-size", "1024"],
+    );
     assert_eq!(third.wait_exit().code(), Some(1), "{}", third.log());
     third.wait_for("the error", |l| {
         l.contains("npc-agent: error:") && l.contains(map_names::CONNTRACK)
@@ -333,7 +350,7 @@ fn guard_removes_its_bpffs() {
     let dir;
     {
         let s = setup();
-        let agent = Agent::start(&s.lab, Enter::Netns, &["run"]);
+        let agent = Agent::start(&s.lab, Enter::Netns, &["run", "--datapath-only"]);
         agent.wait_attached(&s.a.host_veth);
         dir = agent.bpffs.clone();
         assert!(Path::new(&dir).exists());

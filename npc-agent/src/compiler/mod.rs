@@ -155,6 +155,12 @@ struct Selecting<'a> {
 /// Compiles the cluster state into the desired map contents, numbering identities with `ids`
 /// (keep the same `ids` from one call to the next).
 pub fn compile(state: &ClusterState, ids: &mut Identities) -> Desired {
+    compile_on_node(state, &state.node_ips, ids)
+}
+
+/// [`compile`] with the node's own addresses given apart from the state (which a source may
+/// share, unchanged, with its next update).
+pub fn compile_on_node(state: &ClusterState, node_ips: &[IpAddr], ids: &mut Identities) -> Desired {
     let ns_labels = namespace_labels(state);
     let (mut groups, keys, members) = group_pods(state, &ns_labels, &mut ids.pods);
     let mut by_ns: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
@@ -233,7 +239,7 @@ pub fn compile(state: &ClusterState, ids: &mut Identities) -> Desired {
             }
         }
     }
-    for ip in &state.node_ips {
+    for ip in node_ips {
         endpoints
             .entry(ip.to_canonical())
             .or_insert(DesiredEndpoint {

@@ -94,6 +94,12 @@ struct KindLabels {
     kind: String,
 }
 
+/// `{resource}`: an API resource the kube source watches (`pods`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResourceLabels {
+    resource: &'static str,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
@@ -122,6 +128,7 @@ struct Inner {
     attached_interfaces: UGauge,
     conntrack_entries: UGauge,
     conntrack_gc_deleted: Counter,
+    kube_watch_errors: Family<ResourceLabels, Counter>,
 }
 
 impl Metrics {
@@ -200,6 +207,14 @@ impl Metrics {
             conntrack_gc_deleted.clone(),
         );
 
+        let kube_watch_errors = Family::<ResourceLabels, Counter>::default();
+        registry.register(
+            "npc_kube_watch_errors",
+            "Failed lists and watches of the Kubernetes API, by resource (each is retried with \
+             backoff; the state in force stays meanwhile)",
+            kube_watch_errors.clone(),
+        );
+
         registry.register(
             "npc_build",
             "The agent's build",
@@ -228,6 +243,7 @@ impl Metrics {
                 attached_interfaces,
                 conntrack_entries,
                 conntrack_gc_deleted,
+                kube_watch_errors,
             }),
         }
     }
@@ -298,6 +314,24 @@ impl Metrics {
             })
             .set(remaining);
         i.conntrack_gc_deleted.inc_by(deleted);
+    }
+
+    /// Creates the `npc_kube_watch_errors_total` series of the watched resources at 0.
+    pub fn init_kube_watch_errors(&self, resources: &[&'static str]) {
+        for &resource in resources {
+            let _ = self
+                .inner
+                .kube_watch_errors
+                .get_or_create(&ResourceLabels { resource });
+        }
+    }
+
+    /// Counts one failed list or watch of `resource` (`npc_kube_watch_errors_total`).
+    pub fn observe_kube_watch_error(&self, resource: &'static str) {
+        self.inner
+            .kube_watch_errors
+            .get_or_create(&ResourceLabels { resource })
+            .inc();
     }
 
     /// Every metric as OpenMetrics text ([`CONTENT_TYPE`]), ending in `# EOF`. Reads the BPF

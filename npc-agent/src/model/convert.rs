@@ -228,6 +228,8 @@ fn enforcement(meta: &meta::ObjectMeta, errs: &mut Errors) -> bool {
 /// `spec.hostNetwork`, and the named ports of every container (and of every sidecar, an init
 /// container with `restartPolicy: Always`, as the endpoints controller does).
 ///
+/// A pod in phase `Succeeded` or `Failed` has no addresses.
+///
 /// When `status.podIP` is set and differs from `status.podIPs[0]` (or `podIPs` is empty),
 /// `podIP` is authoritative and the only address, as in the API server's v1 conversion.
 pub fn pod(pod: &core::Pod) -> Result<Pod, ConvertError> {
@@ -243,11 +245,17 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, ConvertError> {
         .filter(|n| !n.is_empty());
     let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
     let named_ports = spec.map(|s| named_ports(s, &mut errs)).unwrap_or_default();
-    let ips = pod
+    let mut ips = pod
         .status
         .as_ref()
         .map(|s| pod_ips(s, &mut errs))
         .unwrap_or_default();
+    // A pod that ran to completion has released its address, which may already be another
+    // pod's (the kubelet reports it until the pod is deleted): it is no endpoint.
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded" | "Failed")) {
+        ips.clear();
+    }
 
     errs.finish(
         meta,
@@ -1011,6 +1019,26 @@ mod tests {
     }
 
     // ---- Pod ----
+
+    #[test]
+    fn completed_pods_have_no_address() {
+        for phase in ["Succeeded", "Failed"] {
+            let p = pod_spec(
+                json!({"containers": [{"name": "c"}]}),
+                json!({"phase": phase, "podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}]}),
+            )
+            .unwrap();
+            assert!(p.ips.is_empty(), "{phase}: {:?}", p.ips);
+        }
+        for phase in ["Pending", "Running", "Unknown"] {
+            let p = pod_spec(
+                json!({"containers": [{"name": "c"}]}),
+                json!({"phase": phase, "podIP": "10.0.0.1"}),
+            )
+            .unwrap();
+            assert_eq!(p.ips, [IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))], "{phase}");
+        }
+    }
 
     #[test]
     fn pod_basic_fields() {

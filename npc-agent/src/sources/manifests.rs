@@ -66,6 +66,30 @@ pub struct Snapshot {
     pub generation: u64,
 }
 
+impl Snapshot {
+    /// The problems of this load by kind of object (`file` for files and documents that are no
+    /// object), for `npc_invalid_objects{kind}`; every kind is present.
+    pub fn invalid_objects(&self) -> BTreeMap<String, u64> {
+        let mut by_kind: BTreeMap<String, u64> = Kind::ALL
+            .iter()
+            .map(|k| k.as_str())
+            .chain(["file"])
+            .map(|k| (k.to_string(), 0))
+            .collect();
+        for e in &self.errors {
+            let kind = match e {
+                SourceError::Object { error, .. } => error.kind.as_str(),
+                SourceError::Duplicate { key, .. } => key.kind.as_str(),
+                SourceError::Directory { .. }
+                | SourceError::File { .. }
+                | SourceError::Document { .. } => "file",
+            };
+            *by_kind.entry(kind.to_string()).or_insert(0) += 1;
+        }
+        by_kind
+    }
+}
+
 /// An object's identity across loads.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectKey {
