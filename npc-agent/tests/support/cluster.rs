@@ -175,7 +175,12 @@ pub fn exchange_times_out(conn: &mut TcpConn, what: &str) {
 
 /// Waits until the agent's /readyz answers 200 (from inside the node namespace).
 pub fn wait_ready(lab: &Lab, agent: &Agent) {
-    let deadline = Instant::now() + LOG_WAIT;
+    wait_ready_within(lab, agent, LOG_WAIT);
+}
+
+/// [`wait_ready`] with another deadline.
+pub fn wait_ready_within(lab: &Lab, agent: &Agent, wait: Duration) {
+    let deadline = Instant::now() + wait;
     loop {
         let ok = in_netns(lab.node_netns(), || {
             use std::io::{Read as _, Write as _};

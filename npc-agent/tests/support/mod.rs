@@ -16,7 +16,10 @@ use std::{
 
 use npc_agent::dataplane::Maps;
 
+pub mod apiserver;
 pub mod cluster;
+pub mod kube;
+pub mod scrape;
 use npc_tests::lab::{Lab, in_netns};
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_npc-agent");
@@ -129,6 +132,18 @@ impl Agent {
         owns_bpffs: bool,
         args: &[&str],
     ) -> Agent {
+        Agent::spawn_env(lab, enter, bpffs, owns_bpffs, args, &[])
+    }
+
+    /// [`Agent::spawn`] with environment variables added (`KUBECONFIG`).
+    pub fn spawn_env(
+        lab: &Lab,
+        enter: Enter,
+        bpffs: PathBuf,
+        owns_bpffs: bool,
+        args: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Agent {
         let mut cmd = match enter {
             Enter::Netns => Command::new(AGENT),
             Enter::IpNetnsExec => {
@@ -144,6 +159,7 @@ impl Agent {
             .arg(&state_dir)
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
