@@ -126,19 +126,8 @@ fn build_all(build: &Build, binaries: &Binaries) -> anyhow::Result<()> {
     step("clean up", || build.clean_up())
 }
 
-/// Runs one step and prints one line: what it did and how long it took.
 fn step(name: &str, f: impl FnOnce() -> anyhow::Result<String>) -> anyhow::Result<()> {
-    let (result, took) = util::timed(f);
-    match result {
-        Ok(done) => {
-            println!("kube-apiserver: {name}: {done} ({})", util::secs(took));
-            Ok(())
-        }
-        Err(e) => {
-            println!("kube-apiserver: {name}: FAILED ({})", util::secs(took));
-            Err(e.context(format!("kube-apiserver step `{name}`")))
-        }
-    }
+    util::step("kube-apiserver", name, f)
 }
 
 /// dpkg-dev for `apt-get source` (dpkg-source), pip for Go, openssl for the tests' certificates.

@@ -1,7 +1,7 @@
 //! `cargo xtask setup`: installs what building and testing npc need, only what is missing, so it
 //! is cheap to run before every test run.
 
-use std::{fs, process::Command, time::Duration};
+use std::{fs, process::Command};
 
 use anyhow::{Context as _, bail};
 
@@ -34,19 +34,8 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs one setup step and prints one line: what it did and how long it took.
 fn step(name: &str, f: fn(&str) -> anyhow::Result<String>) -> anyhow::Result<()> {
-    let (result, took): (_, Duration) = util::timed(|| f(name));
-    match result {
-        Ok(done) => {
-            println!("setup: {name}: {done} ({})", util::secs(took));
-            Ok(())
-        }
-        Err(e) => {
-            println!("setup: {name}: FAILED ({})", util::secs(took));
-            Err(e.context(format!("setup step `{name}`")))
-        }
-    }
+    util::step("setup", name, || f(name))
 }
 
 fn apt(name: &str) -> anyhow::Result<String> {

@@ -113,6 +113,26 @@ pub fn output(cmd: &mut Command) -> anyhow::Result<Option<Output>> {
     }
 }
 
+/// Runs one step of `task` and prints one line: what it did (`f`'s message) and how long it
+/// took; a failure names the step.
+pub fn step(
+    task: &str,
+    name: &str,
+    f: impl FnOnce() -> anyhow::Result<String>,
+) -> anyhow::Result<()> {
+    let (result, took) = timed(f);
+    match result {
+        Ok(done) => {
+            println!("{task}: {name}: {done} ({})", secs(took));
+            Ok(())
+        }
+        Err(e) => {
+            println!("{task}: {name}: FAILED ({})", secs(took));
+            Err(e.context(format!("{task} step `{name}`")))
+        }
+    }
+}
+
 /// Runs `f` and returns its result with how long it took.
 pub fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
     let start = Instant::now();

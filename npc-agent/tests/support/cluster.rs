@@ -293,6 +293,21 @@ impl Cluster {
     }
 }
 
+/// Pods a and b on a bridge (10.66.0.2 and .3) and c routed (10.67.0.2).
+pub fn add_abc(lab: &Lab) -> (Pod, Pod, Pod) {
+    let br = lab.add_bridge("br0", "10.66.0.1/24", None).unwrap();
+    let a = lab
+        .add_pod_on_bridge(&br, "a", "10.66.0.2".parse().unwrap(), None)
+        .unwrap();
+    let b = lab
+        .add_pod_on_bridge(&br, "b", "10.66.0.3".parse().unwrap(), None)
+        .unwrap();
+    let c = lab
+        .add_routed_pod("c", "10.67.0.2".parse().unwrap(), None)
+        .unwrap();
+    (a, b, c)
+}
+
 /// [`cluster_with`] with no extra pods and the default ports.
 pub fn cluster(name: &str) -> Cluster {
     cluster_with(name, &[], &[])
@@ -313,16 +328,7 @@ pub fn cluster_with_agent(
     agent_args: &[&str],
 ) -> Cluster {
     let lab = Lab::new("policy").expect("lab");
-    let br = lab.add_bridge("br0", "10.66.0.1/24", None).unwrap();
-    let a = lab
-        .add_pod_on_bridge(&br, "a", "10.66.0.2".parse().unwrap(), None)
-        .unwrap();
-    let b = lab
-        .add_pod_on_bridge(&br, "b", "10.66.0.3".parse().unwrap(), None)
-        .unwrap();
-    let c = lab
-        .add_routed_pod("c", "10.67.0.2".parse().unwrap(), None)
-        .unwrap();
+    let (a, b, c) = add_abc(&lab);
     let extra_pods: Vec<Pod> = extra
         .iter()
         .map(|e| {

@@ -30,7 +30,7 @@ use serde_json::{Value, json};
 use super::{
     Agent, Enter, LOG_WAIT,
     apiserver::ApiServer,
-    cluster::{endpoint_until, wait_ready_within},
+    cluster::{add_abc, endpoint_until, wait_ready_within},
     unique_bpffs,
 };
 
@@ -138,16 +138,7 @@ impl KubeCluster {
     /// yet ([`KubeCluster::start_agent`]).
     pub fn new(name: &str) -> KubeCluster {
         let lab = Lab::new("kube").expect("lab");
-        let br = lab.add_bridge("br0", "10.66.0.1/24", None).unwrap();
-        let a = lab
-            .add_pod_on_bridge(&br, "a", "10.66.0.2".parse().unwrap(), None)
-            .unwrap();
-        let b = lab
-            .add_pod_on_bridge(&br, "b", "10.66.0.3".parse().unwrap(), None)
-            .unwrap();
-        let c = lab
-            .add_routed_pod("c", "10.67.0.2".parse().unwrap(), None)
-            .unwrap();
+        let (a, b, c) = add_abc(&lab);
         let servers = [&a, &b, &c]
             .into_iter()
             .flat_map(|p| [p.serve_tcp(80).unwrap(), p.serve_tcp(81).unwrap()])
