@@ -118,6 +118,11 @@ pub async fn run(opts: Options) -> Result<()> {
         events_burst = config.events_burst,
         "starting"
     );
+    // Kubernetes mode's settings are checked before anything is loaded.
+    let kube = match &opts.source {
+        PolicySource::Kubernetes => Some(kube_client(opts.node_name.as_deref()).await?),
+        _ => None,
+    };
     let ready = Readiness::default();
     let datapath = Datapath::load(&opts.load)?;
     let metrics = Metrics::new(&opts.load.bpffs)?;
@@ -136,14 +141,7 @@ pub async fn run(opts: Options) -> Result<()> {
             ))
         }
         PolicySource::Kubernetes => {
-            let node = opts.node_name.clone().context(
-                "Kubernetes mode needs this node's name: set --node-name or NODE_NAME (from \
-                 the downward API's spec.nodeName), or use --manifests DIR",
-            )?;
-            let client = kube::Client::try_default().await.context(
-                "Kubernetes mode: no usable API credentials (neither an in-cluster \
-                 ServiceAccount nor KUBECONFIG); use --manifests DIR without a cluster",
-            )?;
+            let (client, node) = kube.expect("made above in Kubernetes mode");
             info!(node = %node, "policy source: Kubernetes API");
             Some(Source::Kube(KubeWatch::start(
                 client,
@@ -225,6 +223,20 @@ pub async fn run(opts: Options) -> Result<()> {
     };
     attacher.detach_all();
     result
+}
+
+/// Kubernetes mode's client and node name: in-cluster config or `KUBECONFIG` (no connection is
+/// made yet).
+async fn kube_client(node_name: Option<&str>) -> Result<(kube::Client, String)> {
+    let node = node_name.filter(|n| !n.is_empty()).context(
+        "Kubernetes mode needs this node's name: set --node-name or NODE_NAME (from the \
+         downward API's spec.nodeName), or use --manifests DIR",
+    )?;
+    let client = kube::Client::try_default().await.context(
+        "Kubernetes mode: no usable API credentials (neither an in-cluster ServiceAccount nor \
+         KUBECONFIG); use --manifests DIR without a cluster",
+    )?;
+    Ok((client, node.to_string()))
 }
 
 /// How often expired conntrack entries are deleted (and `npc_conntrack_entries` refreshed).

@@ -8,7 +8,12 @@
 //!
 //! Cleanup also on failure: the `Agent` guard kills the agent and removes its bpffs directory,
 //! the `Lab` removes its namespaces; both on drop, so also while a failed assertion unwinds.
-use std::{net::IpAddr, path::Path, time::Duration};
+use std::{
+    net::IpAddr,
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
 
 use npc_common::{Counter, Direction, DropReason, map_names};
 use npc_tests::lab::{Bridge, ConnectOutcome, Lab, Pod, ServerHandle};
@@ -281,6 +286,10 @@ fn bad_cli_input_is_rejected() {
         (&["run", "--conntrack-size", "0"], "'--conntrack-size <N>'"),
         (&["--audit", "cleanup"], "'--audit' is an option of 'run'"),
         (&["frobnicate"], "unrecognized subcommand 'frobnicate'"),
+        (
+            &["run", "--datapath-only", "--manifests", "/tmp"],
+            "'--datapath-only' cannot be used with '--manifests <DIR>'",
+        ),
     ] {
         let out = agent_command(args);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -356,4 +365,29 @@ fn guard_removes_its_bpffs() {
         assert!(Path::new(&dir).exists());
     }
     assert!(!dir.exists(), "{} left behind", dir.display());
+}
+
+/// (g) Kubernetes mode (no `--manifests`) without a node name or without usable credentials
+/// stops at once with a message saying what to set, before anything is loaded or pinned.
+#[test]
+fn kubernetes_mode_needs_a_node_name_and_credentials() {
+    let bpffs = unique_bpffs();
+    for (node_args, expected) in [
+        (&[][..], "set --node-name or NODE_NAME"),
+        (&["--node-name", "n1"][..], "no usable API credentials"),
+    ] {
+        let out = Command::new(AGENT)
+            .args(["run", "--bpffs", bpffs.to_str().unwrap()])
+            .args(node_args)
+            .env_remove("NODE_NAME")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("KUBECONFIG", "/nonexistent/npc-test-kubeconfig")
+            .stdin(Stdio::null())
+            .output()
+            .expect("running npc-agent");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{node_args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{node_args:?}: {stderr}");
+        assert!(!bpffs.exists(), "{node_args:?}: something was pinned");
+    }
 }
