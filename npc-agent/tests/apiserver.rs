@@ -206,3 +206,31 @@ fn base64_matches_rfc4648() {
         assert_eq!(apiserver::base64(input.as_bytes()), expected);
     }
 }
+
+/// `deploy/rbac.yaml` (what the tests run the agent with) only reads, and only pods, namespaces
+/// and NetworkPolicies: no wildcard, no write verb, no other resource.
+#[test]
+fn deploy_rbac_is_read_only() {
+    let (_, role, binding) = support::apiserver::deploy_rbac();
+    let mut granted = Vec::new();
+    for rule in role.rules.iter().flatten() {
+        let mut verbs = rule.verbs.clone();
+        verbs.sort();
+        assert_eq!(verbs, ["get", "list", "watch"], "{rule:?}");
+        assert!(
+            rule.resource_names.is_none() && rule.non_resource_urls.is_none(),
+            "{rule:?}"
+        );
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                granted.push(format!("{group}/{resource}"));
+            }
+        }
+    }
+    granted.sort();
+    assert_eq!(
+        granted,
+        ["/namespaces", "/pods", "networking.k8s.io/networkpolicies"]
+    );
+    assert_eq!(binding.role_ref.name, role.metadata.name.unwrap());
+}

@@ -25,11 +25,11 @@ use std::{
 use k8s_openapi::api::{
     authentication::v1::{TokenRequest, TokenRequestSpec},
     core::v1::ServiceAccount,
-    rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
 };
 use kube::{
     Api,
-    api::{ObjectMeta, PostParams},
+    api::PostParams,
     config::{KubeConfigOptions, Kubeconfig},
 };
 
@@ -41,6 +41,23 @@ pub const START_WAIT: Duration = Duration::from_secs(60);
 pub const STOP_WAIT: Duration = Duration::from_secs(5);
 /// Attempts with other ports when one turned out to be taken.
 const PORT_ATTEMPTS: usize = 5;
+
+/// The objects of `deploy/rbac.yaml`, which must be the agent's ServiceAccount
+/// ([`AGENT_NAMESPACE`]/[`AGENT_NAME`]), its ClusterRole and its ClusterRoleBinding, in order.
+pub fn deploy_rbac() -> (ServiceAccount, ClusterRole, ClusterRoleBinding) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rbac.yaml");
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let [account, role, binding] = <[serde_json::Value; 3]>::try_from(docs)
+        .unwrap_or_else(|docs| panic!("{}: {} documents, want 3", path.display(), docs.len()));
+    let account: ServiceAccount = serde_json::from_value(account).unwrap();
+    let role: ClusterRole = serde_json::from_value(role).unwrap();
+    let binding: ClusterRoleBinding = serde_json::from_value(binding).unwrap();
+    assert_eq!(account.metadata.namespace.as_deref(), Some(AGENT_NAMESPACE));
+    assert_eq!(account.metadata.name.as_deref(), Some(AGENT_NAME));
+    (account, role, binding)
+}
 
 /// The agent's identity.
 pub const AGENT_NAMESPACE: &str = "kube-system";
@@ -126,57 +143,19 @@ impl ApiServer {
         client(&self.admin_kubeconfig()).await
     }
 
-    /// Creates (if absent) ServiceAccount `kube-system/npc-agent`, a ClusterRole `npc-agent` that
-    /// may only get, list and watch pods, namespaces and NetworkPolicies, and its
-    /// ClusterRoleBinding; asks the TokenRequest API for a token of the ServiceAccount (valid
-    /// 24 h) and writes a kubeconfig with it. Returns the kubeconfig's path (in [`Self::dir`]).
+    /// Creates (if absent) the objects of `deploy/rbac.yaml`: ServiceAccount
+    /// `kube-system/npc-agent`, the ClusterRole `npc-agent` that may only get, list and watch
+    /// pods, namespaces and NetworkPolicies, and its ClusterRoleBinding; asks the TokenRequest
+    /// API for a token of the ServiceAccount (valid 24 h) and writes a kubeconfig with it.
+    /// Returns the kubeconfig's path (in [`Self::dir`]).
     pub async fn agent_kubeconfig(&self) -> PathBuf {
         let admin = self.admin().await;
         let pp = PostParams::default();
-        let meta = |name: &str, namespace: Option<&str>| ObjectMeta {
-            name: Some(name.into()),
-            namespace: namespace.map(Into::into),
-            ..Default::default()
-        };
-
+        let (account, role, binding) = deploy_rbac();
         let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), AGENT_NAMESPACE);
-        let account = ServiceAccount {
-            metadata: meta(AGENT_NAME, Some(AGENT_NAMESPACE)),
-            ..Default::default()
-        };
         created(accounts.create(&pp, &account).await, "ServiceAccount");
-
-        let rule = |group: &str, resources: &[&str]| PolicyRule {
-            api_groups: Some(vec![group.into()]),
-            resources: Some(resources.iter().map(|r| r.to_string()).collect()),
-            verbs: ["get", "list", "watch"].map(String::from).to_vec(),
-            ..Default::default()
-        };
-        let role = ClusterRole {
-            metadata: meta(AGENT_NAME, None),
-            rules: Some(vec![
-                rule("", &["pods", "namespaces"]),
-                rule("networking.k8s.io", &["networkpolicies"]),
-            ]),
-            ..Default::default()
-        };
         let roles: Api<ClusterRole> = Api::all(admin.clone());
         created(roles.create(&pp, &role).await, "ClusterRole");
-
-        let binding = ClusterRoleBinding {
-            metadata: meta(AGENT_NAME, None),
-            role_ref: RoleRef {
-                api_group: Some("rbac.authorization.k8s.io".into()),
-                kind: "ClusterRole".into(),
-                name: AGENT_NAME.into(),
-            },
-            subjects: Some(vec![Subject {
-                kind: "ServiceAccount".into(),
-                name: AGENT_NAME.into(),
-                namespace: Some(AGENT_NAMESPACE.into()),
-                ..Default::default()
-            }]),
-        };
         let bindings: Api<ClusterRoleBinding> = Api::all(admin.clone());
         created(bindings.create(&pp, &binding).await, "ClusterRoleBinding");
 
