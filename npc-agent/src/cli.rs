@@ -25,23 +25,25 @@ pub const MAX_EVENTS: u32 = 100_000;
 #[command(
     name = "npc-agent",
     version,
-    override_usage = "npc-agent [GLOBAL OPTIONS] [run] [DATAPATH OPTIONS]\n       \
+    override_usage = "npc-agent [GLOBAL OPTIONS] [run] [RUN OPTIONS]\n       \
                       npc-agent [GLOBAL OPTIONS] dump [MAP] [--json]\n       \
                       npc-agent [GLOBAL OPTIONS] cleanup",
     after_help = "Without a subcommand, `run` is assumed: `npc-agent --audit` is \
-                  `npc-agent run --audit`.\nThe log level comes from RUST_LOG (default: info), \
+                  `npc-agent run --audit`.\nThe options under Paths and Logging are the global \
+                  options: they may stand before or after the subcommand.\nThe log level comes from RUST_LOG (default: info), \
                   e.g. RUST_LOG=debug or RUST_LOG=npc_agent=debug,warn."
 )]
 pub struct Cli {
-    #[command(flatten)]
-    pub global: GlobalArgs,
-
     #[command(subcommand)]
     pub command: Option<Command>,
 
     /// The options of `run`, when no subcommand is given.
     #[command(flatten)]
     pub run: RunArgs,
+
+    /// After the options of `run`, so that `--help` lists them last.
+    #[command(flatten)]
+    pub global: GlobalArgs,
 }
 
 impl Cli {
@@ -88,19 +90,32 @@ impl Cli {
     }
 }
 
+/// `--help` groups (`help_heading`): every argument names one (a unit test checks it).
+pub mod heading {
+    pub const POLICY_SOURCE: &str = "Policy source";
+    pub const DATAPATH: &str = "Datapath";
+    pub const HTTP: &str = "HTTP";
+    pub const PATHS: &str = "Paths";
+    pub const LOGGING: &str = "Logging";
+    /// `dump`'s positional argument (clap's usual title for them).
+    pub const ARGUMENTS: &str = "Arguments";
+    pub const OUTPUT: &str = "Output";
+}
+
 /// Options every subcommand takes.
 #[derive(Clone, Debug, Args)]
-#[command(next_help_heading = "Global options")]
 pub struct GlobalArgs {
-    /// Directory where the datapath's maps are pinned; a bpffs is mounted there when the
-    /// directory is not on one (e.g. under `ip netns exec`, which hides /sys/fs/bpf).
+    /// Directory where the datapath's maps are pinned (a new agent adopts the maps it finds
+    /// there); a bpffs is mounted there when the directory is not on one (e.g. under `ip netns
+    /// exec`, which hides /sys/fs/bpf).
     #[arg(
         long,
         global = true,
         env = "NPC_BPFFS",
         value_name = "DIR",
         default_value = "/sys/fs/bpf/npc",
-        value_parser = parse_dir
+        value_parser = parse_dir,
+        help_heading = heading::PATHS
     )]
     pub bpffs: PathBuf,
 
@@ -112,18 +127,27 @@ pub struct GlobalArgs {
         env = "NPC_STATE_DIR",
         value_name = "DIR",
         default_value = "/run/npc",
-        value_parser = parse_dir
+        value_parser = parse_dir,
+        help_heading = heading::PATHS
     )]
     pub state_dir: PathBuf,
 
-    /// Format of the log lines on stderr (the level comes from RUST_LOG, default info).
-    #[arg(long, global = true, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text)]
+    /// Format of the log lines on stderr; the level comes from RUST_LOG (default: info).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        value_name = "FORMAT",
+        default_value_t = LogFormat::Text,
+        help_heading = heading::LOGGING
+    )]
     pub log_format: LogFormat,
 }
 
 #[derive(Clone, Debug, Subcommand)]
 pub enum Command {
-    /// Load the datapath and attach it to pod interfaces until SIGTERM or SIGINT (the default).
+    /// Load the datapath, attach it to pod interfaces and enforce the policy (the default); its
+    /// pinned links keep enforcing after SIGTERM, for the next agent to adopt.
     Run(RunArgs),
     /// Print the pinned maps decoded, with pod, namespace and policy names next to the numbers.
     ///
@@ -131,10 +155,10 @@ pub enum Command {
     /// while the agent runs or after it stopped (its maps stay pinned under --bpffs); the names
     /// come from the agent's --state-dir (numbers only when absent).
     Dump(DumpArgs),
-    /// Remove every pin under --bpffs (maps left by stopped agents).
+    /// Remove every pin under --bpffs (maps and links): detaches npc from every interface.
     ///
-    /// A running agent keeps enforcing until it exits: it holds its maps open, and its
-    /// interface links are its own and go away with it.
+    /// Stop the agent first (uninstall): its programs stay attached through the pinned links
+    /// after it stops, and removing them while it runs detaches it too.
     Cleanup,
 }
 
@@ -143,28 +167,37 @@ pub enum Command {
 pub struct DumpArgs {
     /// What to print: every map (`all`), one map, or `identities` (what each identity number
     /// stands for, from the agent's names).
-    #[arg(value_name = "MAP", default_value = "all", value_parser = crate::dump::Selection::parser())]
+    #[arg(
+        value_name = "MAP",
+        default_value = "all",
+        value_parser = crate::dump::Selection::parser(),
+        help_heading = heading::ARGUMENTS
+    )]
     pub map: crate::dump::Selection,
 
-    /// One JSON object with a key per map (field names documented in `npc_agent::dump`)
+    /// Print one JSON object with a key per map (field names documented in `npc_agent::dump`)
     /// instead of tables.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::OUTPUT)]
     pub json: bool,
 }
 
 /// Options of `run`.
 #[derive(Clone, Debug, Args)]
-#[command(next_help_heading = "Datapath")]
 pub struct RunArgs {
     /// Take Namespaces, Pods and NetworkPolicies from the YAML/JSON manifests in DIR (watched:
-    /// changes apply within a second) instead of the Kubernetes API (the default: in-cluster
-    /// config or KUBECONFIG).
-    #[arg(long, value_name = "DIR", help_heading = "Policy source")]
+    /// changes apply within a second) instead of the Kubernetes API. Without it (and without
+    /// --datapath-only) the agent watches the API server, with the in-cluster config or
+    /// KUBECONFIG.
+    #[arg(long, value_name = "DIR", help_heading = heading::POLICY_SOURCE)]
     pub manifests: Option<PathBuf>,
 
     /// No policy source: attach the datapath with its defaults only (every pod is an unknown
-    /// endpoint). For trying the attachment.
-    #[arg(long, conflicts_with = "manifests", help_heading = "Policy source")]
+    /// endpoint, see --unknown-endpoints). For trying the attachment.
+    #[arg(
+        long,
+        conflicts_with = "manifests",
+        help_heading = heading::POLICY_SOURCE
+    )]
     pub datapath_only: bool,
 
     /// This node's name: pods with this `spec.nodeName` are local. Required in Kubernetes mode
@@ -174,52 +207,63 @@ pub struct RunArgs {
         long,
         env = "NODE_NAME",
         value_name = "NAME",
-        help_heading = "Policy source"
+        help_heading = heading::POLICY_SOURCE
     )]
     pub node_name: Option<String>,
 
-    /// Where pods' network namespaces are mounted, to learn which host veth carries which pod
-    /// (anti-spoofing); repeatable.
-    #[arg(
-        long = "netns-dir",
-        value_name = "DIR",
-        default_value = "/run/netns",
-        help_heading = "Policy source"
-    )]
-    pub netns_dirs: Vec<PathBuf>,
-
-    /// Address of the HTTP endpoint: /healthz, /readyz (200 once the initial policy state is
-    /// in the maps).
+    /// Address of the HTTP endpoint: /metrics (OpenMetrics text), /healthz, and /readyz (200
+    /// once the initial policy state is in the maps).
     #[arg(
         long,
         value_name = "ADDR",
         default_value = "0.0.0.0:9090",
-        help_heading = "Observability"
+        help_heading = heading::HTTP
     )]
     pub metrics_addr: std::net::SocketAddr,
 
-    /// Attach to the interfaces whose name matches GLOB, whatever their kind (`*` matches any
-    /// run of characters, `?` one character; repeatable) [default: every veth]
-    #[arg(long = "interfaces", value_name = "GLOB")]
-    pub interfaces: Vec<Glob>,
-
-    /// What happens to a packet whose local address is no known endpoint (it is counted
-    /// either way).
-    #[arg(long, value_enum, value_name = "VERDICT", default_value_t = UnknownEndpoints::Deny)]
-    pub unknown_endpoints: UnknownEndpoints,
-
-    /// Traffic from the node's own addresses to local pods.
-    #[arg(long, value_enum, value_name = "MODE", default_value_t = HostTraffic::Allow)]
-    pub host_traffic: HostTraffic,
-
-    /// Audit mode: denials are counted and reported but not enforced.
-    #[arg(long)]
-    pub audit: bool,
-
     /// How to attach to interfaces: tcx links (kernel >= 6.6) or cls_bpf filters under a clsact
     /// qdisc; `auto` picks tcx where the kernel has it.
-    #[arg(long, value_enum, value_name = "MODE", default_value_t = AttachModeArg::Auto)]
+    #[arg(
+        long,
+        value_enum,
+        value_name = "MODE",
+        default_value_t = AttachModeArg::Auto,
+        help_heading = heading::DATAPATH
+    )]
     pub attach_mode: AttachModeArg,
+
+    /// Attach to the interfaces whose name matches GLOB, whatever their kind, instead of to
+    /// every veth (`*` matches any run of characters, `?` one character; repeatable) [default:
+    /// every veth]
+    #[arg(long = "interfaces", value_name = "GLOB", help_heading = heading::DATAPATH)]
+    pub interfaces: Vec<Glob>,
+
+    /// What happens to a packet whose local address is no known endpoint, e.g. a pod not yet
+    /// known to the agent (it is counted either way).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "VERDICT",
+        default_value_t = UnknownEndpoints::Deny,
+        help_heading = heading::DATAPATH
+    )]
+    pub unknown_endpoints: UnknownEndpoints,
+
+    /// What happens to traffic from the node's own addresses to local pods (kubelet probes,
+    /// host-network pods).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "MODE",
+        default_value_t = HostTraffic::Allow,
+        help_heading = heading::DATAPATH
+    )]
+    pub host_traffic: HostTraffic,
+
+    /// Audit mode: denials are counted and reported (metrics, deny log) but not enforced;
+    /// every packet passes. Off by default.
+    #[arg(long, help_heading = heading::DATAPATH)]
+    pub audit: bool,
 
     /// Capacity of the conntrack table (flows). A conntrack map pinned by an earlier agent is
     /// reused only if it has this size: run `cleanup` first to change it.
@@ -227,7 +271,8 @@ pub struct RunArgs {
         long,
         value_name = "N",
         default_value_t = capacity::CONNTRACK,
-        value_parser = clap::value_parser!(u32).range(1..)
+        value_parser = clap::value_parser!(u32).range(1..),
+        help_heading = heading::DATAPATH
     )]
     pub conntrack_size: u32,
 
@@ -238,25 +283,30 @@ pub struct RunArgs {
         long,
         value_name = "N",
         default_value_t = capacity::BLOCKED,
-        value_parser = clap::value_parser!(u32).range(1..=1_000_000)
+        value_parser = clap::value_parser!(u32).range(1..=1_000_000),
+        help_heading = heading::DATAPATH
     )]
     pub blocked_ports: u32,
 
-    /// Denied-connection events each CPU may report per second (0 disables events).
+    /// Denied-connection events (the deny log) each CPU may report per second; 0 disables
+    /// them. Denials beyond the rate are still counted in the metrics.
     #[arg(
         long,
         value_name = "N",
         default_value_t = Config::default().events_per_sec,
-        value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_EVENTS))
+        value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_EVENTS)),
+        help_heading = heading::DATAPATH
     )]
     pub events_per_sec: u32,
 
-    /// Denied-connection events each CPU may report at once, after a quiet period.
+    /// Denied-connection events each CPU may report at once, after a quiet period (the
+    /// bucket size of the --events-per-sec rate limit).
     #[arg(
         long,
         value_name = "N",
         default_value_t = Config::default().events_burst,
-        value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_EVENTS))
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_EVENTS)),
+        help_heading = heading::DATAPATH
     )]
     pub events_burst: u32,
 }
@@ -293,7 +343,6 @@ impl RunArgs {
                 (None, false) => PolicySource::Kubernetes,
             },
             node_name: self.node_name.clone(),
-            netns_dirs: self.netns_dirs.clone(),
             metrics_addr: self.metrics_addr,
             state_dir,
             load: LoadOptions {
@@ -432,6 +481,73 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// Every argument of every subcommand has a help text and a `--help` group (clap's own
+    /// --help and --version aside), and the groups show up in `--help`.
+    #[test]
+    fn every_argument_has_help_and_a_heading() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut commands = vec![&cmd];
+        commands.extend(cmd.get_subcommands().filter(|sub| sub.get_name() != "help"));
+        let mut checked = std::collections::BTreeSet::new();
+        for command in commands {
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                let name = format!("{} {id}", command.get_name());
+                assert!(
+                    arg.get_help()
+                        .is_some_and(|help| !help.to_string().trim().is_empty()),
+                    "{name} has no help"
+                );
+                assert!(arg.get_help_heading().is_some(), "{name} has no heading");
+                checked.insert(id.to_string());
+            }
+        }
+        for id in [
+            "bpffs",
+            "state_dir",
+            "log_format",
+            "manifests",
+            "metrics_addr",
+            "events_burst",
+            "map",
+            "json",
+        ] {
+            assert!(checked.contains(id), "{id} not checked: {checked:?}");
+        }
+        let help = cmd.render_long_help().to_string();
+        for heading in [
+            heading::POLICY_SOURCE,
+            heading::DATAPATH,
+            heading::HTTP,
+            heading::PATHS,
+            heading::LOGGING,
+        ] {
+            assert!(help.contains(&format!("{heading}:")), "{heading} in {help}");
+        }
+        for shown in [
+            "[env: NODE_NAME=]",
+            "[env: NPC_BPFFS=]",
+            "[default: 0.0.0.0:9090]",
+        ] {
+            assert!(help.contains(shown), "{shown} in {help}");
+        }
+        let mut dump = Cli::command();
+        // Propagates the global options to the subcommands.
+        dump.build();
+        let dump_help = dump
+            .find_subcommand_mut("dump")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        for heading in [heading::ARGUMENTS, heading::OUTPUT, heading::PATHS] {
+            assert!(dump_help.contains(&format!("{heading}:")), "{dump_help}");
+        }
     }
 
     #[test]

@@ -36,8 +36,6 @@ pub struct Options {
     pub source: PolicySource,
     /// This node's name (pods with this `spec.nodeName` are local); required in Kubernetes mode.
     pub node_name: Option<String>,
-    /// Where pod network namespaces are mounted.
-    pub netns_dirs: Vec<PathBuf>,
     /// The HTTP endpoint (/healthz, /readyz).
     pub metrics_addr: std::net::SocketAddr,
     /// Where the agent publishes its names (`names.json`) for `npc-agent dump`.
@@ -157,7 +155,6 @@ pub async fn run(opts: Options) -> Result<()> {
     };
     let mut sync = PolicySync::new(
         &attacher.datapath.maps,
-        opts.netns_dirs,
         ready.clone(),
         opts.state_dir.clone(),
         metrics.clone(),

@@ -24,8 +24,6 @@ pub const COALESCE: std::time::Duration = std::time::Duration::from_millis(100);
 pub struct PolicySync {
     reconciler: Reconciler,
     identities: Identities,
-    /// Where the pods' network namespaces are (to learn their host veths).
-    netns_dirs: Vec<PathBuf>,
     ready: Readiness,
     /// Where the names are published for `npc-agent dump`.
     state_dir: PathBuf,
@@ -40,7 +38,6 @@ impl PolicySync {
     /// Adopts what the maps hold now (left by a previous agent, or empty).
     pub fn new(
         maps: &Maps,
-        netns_dirs: Vec<PathBuf>,
         ready: Readiness,
         state_dir: PathBuf,
         metrics: Metrics,
@@ -48,7 +45,6 @@ impl PolicySync {
         Ok(PolicySync {
             reconciler: Reconciler::adopt(maps).context("reading the maps to adopt them")?,
             identities: Identities::default(),
-            netns_dirs,
             ready,
             state_dir,
             names: watch::Sender::new(Arc::new(Names::default())),
@@ -154,8 +150,7 @@ impl PolicySync {
     }
 
     async fn learn_veths(&self) -> BTreeMap<IpAddr, u32> {
-        let dirs = self.netns_dirs.clone();
-        match tokio::task::spawn_blocking(move || pod_veths::learn(&dirs)).await {
+        match tokio::task::spawn_blocking(pod_veths::learn).await {
             Ok(Ok(veths)) => veths,
             Ok(Err(e)) => {
                 warn!(

@@ -1,18 +1,19 @@
 //! `dataplane::pod_veths` in network-namespace labs (see `npc_tests::lab`): it maps every pod
 //! address to the pod's host veth for bridge and routed pods, dual-stack; it never pairs a
-//! node with the pods of another node (labs built alike have the same ifindexes); and it keeps
-//! going while namespaces appear and vanish under `/run/netns`.
+//! node with the pods of another node (labs built alike have the same ifindexes); it finds pod
+//! namespaces that have no name; it keeps going while namespaces appear and vanish; and it
+//! needs nothing but `CAP_NET_ADMIN`.
 //!
-//! Needs root (network namespaces, `setns`, bind mounts). `/run/netns` also holds the
-//! namespaces of tests running concurrently: they must never show up in a result.
+//! Needs root (network namespaces, `setns` into the labs' node namespaces). The machine also
+//! holds the namespaces of tests running concurrently: they must never show up in a result.
 use std::{
     collections::BTreeMap,
-    fs,
+    fs, io,
     net::{IpAddr, Ipv4Addr},
-    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
+        mpsc,
     },
     thread,
     time::{Duration, Instant},
@@ -72,16 +73,32 @@ fn expected(pods: &[Pod]) -> BTreeMap<IpAddr, u32> {
         .collect()
 }
 
-fn learn_in(netns: &str, dirs: &[PathBuf]) -> BTreeMap<IpAddr, u32> {
-    in_netns(netns, || pod_veths::learn(dirs)).unwrap()
+fn learn_in(netns: &str) -> BTreeMap<IpAddr, u32> {
+    in_netns(netns, pod_veths::learn).unwrap()
 }
 
-fn netns_dirs() -> Vec<PathBuf> {
-    vec![PathBuf::from(NETNS_DIR)]
+/// The ifindex of `ifname` in `netns`.
+fn ifindex(netns: &str, ifname: &str) -> u32 {
+    let out = run(&["ip", "-n", netns, "-o", "link", "show", "dev", ifname]).unwrap();
+    out.split(':').next().unwrap().trim().parse().unwrap()
 }
 
-fn netns_path(name: &str) -> PathBuf {
-    Path::new(NETNS_DIR).join(name)
+/// The namespace ids `netns` has assigned, by the name of the namespace under `/run/netns`
+/// (`ip netns list-id`, which finds the names by asking the kernel for the id of each file:
+/// independent of how `pod_veths` gets them).
+fn nsids_by_name(netns: &str) -> BTreeMap<String, i32> {
+    let out = run(&["ip", "-n", netns, "netns", "list-id"]).unwrap();
+    out.lines()
+        .filter_map(|line| {
+            // nsid 3 (iproute2 netns name: pv-1234-0-b1)
+            let rest = line.strip_prefix("nsid ")?;
+            let (id, rest) = rest.split_once(' ')?;
+            let name = rest
+                .strip_prefix("(iproute2 netns name: ")?
+                .strip_suffix(')')?;
+            Some((name.to_string(), id.parse().ok()?))
+        })
+        .collect()
 }
 
 /// Two labs built alike: the same ifindexes on both sides of every veth, different addresses.
@@ -102,44 +119,55 @@ fn bridge_and_routed_pods_of_two_alike_labs() {
         );
     }
 
-    let learned_a = learn_in(lab_a.node_netns(), &netns_dirs());
+    let learned_a = learn_in(lab_a.node_netns());
     assert_eq!(learned_a, expected(&pods_a));
-    let learned_b = learn_in(lab_b.node_netns(), &netns_dirs());
+    let learned_b = learn_in(lab_b.node_netns());
     assert_eq!(learned_b, expected(&pods_b));
 
-    // `scan` reports the pod side too.
-    let scanned = in_netns(lab_a.node_netns(), || pod_veths::scan(&netns_dirs())).unwrap();
+    // `scan` reports the pod side too, with the ids the node gives the pods' namespaces.
+    let scanned = in_netns(lab_a.node_netns(), pod_veths::scan).unwrap();
+    let nsids = nsids_by_name(lab_a.node_netns());
     let mut want: Vec<PodVeth> = pods_a
         .iter()
         .map(|pod| {
             let mut addresses = pod.ips();
             addresses.sort();
             PodVeth {
-                netns: netns_path(&pod.netns),
+                netnsid: *nsids
+                    .get(&pod.netns)
+                    .unwrap_or_else(|| panic!("no id for {} in {nsids:?}", pod.netns)),
                 pod_ifindex: pod.ifindex,
                 host_ifindex: pod.host_ifindex,
                 addresses,
             }
         })
         .collect();
-    want.sort_by(|x, y| x.netns.cmp(&y.netns));
+    want.sort_by_key(|veth| (veth.netnsid, veth.host_ifindex));
     assert_eq!(scanned, want);
+    // What the confirmation from the pods' side relies on: reporting a pod-side veth's peer
+    // (the node) to the node's socket gave the node an id for itself.
+    assert!(
+        nsids.contains_key(lab_a.node_netns()),
+        "the node has no id for itself: {nsids:?}"
+    );
 
     // The async variant, on a runtime living in the node namespace.
     let learned_async = in_netns(lab_a.node_netns(), || {
         tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap()
-            .block_on(pod_veths::learn_async(netns_dirs()))
+            .block_on(pod_veths::learn_async())
     })
     .unwrap();
     assert_eq!(learned_async, expected(&pods_a));
 
-    // From a pod's namespace: its own file is skipped, the other veths lead elsewhere.
-    assert_eq!(learn_in(&pods_a[0].netns, &netns_dirs()), BTreeMap::new());
+    // From a pod's namespace: its veth leads to the node, whose side of it carries no pod
+    // address (a bridge port; a routed veth's gateways are link-local).
+    assert_eq!(learn_in(&pods_a[0].netns), BTreeMap::new());
+    assert_eq!(learn_in(&pods_a[2].netns), BTreeMap::new());
 
     // From the root namespace (which may have pods of its own): none of the labs' addresses.
-    let root = pod_veths::learn(&netns_dirs()).unwrap();
+    let root = pod_veths::learn().unwrap();
     for pod in pods_a.iter().chain(&pods_b) {
         for ip in pod.ips() {
             assert!(
@@ -149,57 +177,16 @@ fn bridge_and_routed_pods_of_two_alike_labs() {
         }
     }
     drop(lab_b);
-    assert_eq!(learn_in(lab_a.node_netns(), &netns_dirs()), learned_a);
-}
-
-/// Unmounts a bind mount and removes its directory on drop.
-struct TempNetnsDir {
-    dir: PathBuf,
-    mounts: Vec<PathBuf>,
-}
-
-impl TempNetnsDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("npc-pod-veths-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Self {
-            dir,
-            mounts: Vec::new(),
-        }
-    }
-
-    /// Another name for a namespace file, as `ip netns attach` or a runtime's own directory
-    /// would give it.
-    fn alias(&mut self, name: &str, netns: &Path) {
-        let alias = self.dir.join(name);
-        fs::write(&alias, b"").unwrap();
-        run(&[
-            "mount",
-            "--bind",
-            netns.to_str().unwrap(),
-            alias.to_str().unwrap(),
-        ])
-        .unwrap();
-        self.mounts.push(alias);
-    }
-}
-
-impl Drop for TempNetnsDir {
-    fn drop(&mut self) {
-        for mount in &self.mounts {
-            let _ = run(&["umount", mount.to_str().unwrap()]);
-        }
-        let _ = fs::remove_dir_all(&self.dir);
-    }
+    assert_eq!(learn_in(lab_a.node_netns()), learned_a);
 }
 
 /// Extra addresses on the pod side count, link-local ones do not; interfaces other than a veth
-/// to the node (a bridge, a veth pair inside the pod) are ignored; a namespace reached under two
-/// names counts once; files that are no namespaces are skipped.
+/// to the node (a bridge, a veth pair inside the pod, a veth pair inside the node) are
+/// ignored; a pod namespace with two veths to the node gives each its own addresses.
 #[test]
-fn addresses_interfaces_and_odd_files() {
+fn addresses_and_interfaces() {
     let (lab, pods) = lab(65);
+    let node = lab.node_netns();
     let routed = &pods[2];
     let bridged = &pods[0];
     let exec = |pod: &Pod, argv: &[&str]| lab.exec(&pod.netns, argv).unwrap();
@@ -227,30 +214,253 @@ fn addresses_interfaces_and_odd_files() {
         bridged,
         &["ip", "addr", "add", "10.67.0.2/32", "dev", "br9"],
     );
+    // A veth pair with both ends in the node: no IFLA_LINK_NETNSID, skipped.
+    let ip_node = |args: &[&str]| {
+        let mut argv = vec!["ip", "-n", node];
+        argv.extend_from_slice(args);
+        run(&argv).unwrap()
+    };
+    ip_node(&[
+        "link", "add", "pvn0", "type", "veth", "peer", "name", "pvn1",
+    ]);
+    ip_node(&["addr", "add", "10.67.0.3/32", "dev", "pvn0"]);
+    ip_node(&["addr", "add", "10.67.0.4/32", "dev", "pvn1"]);
+    // A second veth from the node into the routed pod, with an address of its own.
+    ip_node(&[
+        "link",
+        "add",
+        "pvx-r1b",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth1",
+        "netns",
+        &routed.netns,
+    ]);
+    exec(
+        routed,
+        &["ip", "addr", "add", "10.66.1.1/32", "dev", "eth1"],
+    );
+    exec(
+        routed,
+        &[
+            "ip",
+            "addr",
+            "add",
+            "fd00:66:1::1/128",
+            "dev",
+            "eth1",
+            "nodad",
+        ],
+    );
+    let second_ifindex = ifindex(node, "pvx-r1b");
 
     let mut want = expected(&pods);
     want.insert(Ipv4Addr::new(10, 66, 0, 99).into(), routed.host_ifindex);
+    want.insert(Ipv4Addr::new(10, 66, 1, 1).into(), second_ifindex);
+    want.insert("fd00:66:1::1".parse().unwrap(), second_ifindex);
+    assert_eq!(learn_in(node), want);
 
-    let mut extra = TempNetnsDir::new("odd");
-    extra.alias("alias-of-r1", &netns_path(&routed.netns));
-    extra.alias("alias-of-node", &netns_path(lab.node_netns()));
-    fs::write(extra.dir.join("plain-file"), b"").unwrap();
-    fs::create_dir(extra.dir.join("subdir")).unwrap();
-    let dirs = vec![
-        extra.dir.clone(),
-        PathBuf::from(NETNS_DIR),
-        PathBuf::from("/nonexistent/npc-netns"),
-    ];
-    assert_eq!(learn_in(lab.node_netns(), &dirs), want);
-    let scanned = in_netns(lab.node_netns(), || pod_veths::scan(&dirs)).unwrap();
-    // r1 found first under its alias (the directories are scanned in order), and only then.
+    let scanned = in_netns(node, pod_veths::scan).unwrap();
+    assert_eq!(scanned.len(), pods.len() + 1, "{scanned:?}");
     let r1: Vec<&PodVeth> = scanned
         .iter()
-        .filter(|veth| veth.host_ifindex == routed.host_ifindex)
+        .filter(|veth| veth.netnsid == scanned_nsid(&scanned, routed.host_ifindex))
         .collect();
-    assert_eq!(r1.len(), 1, "{scanned:?}");
-    assert_eq!(r1[0].netns, extra.dir.join("alias-of-r1"));
-    assert_eq!(scanned.len(), pods.len(), "{scanned:?}");
+    assert_eq!(r1.len(), 2, "{scanned:?}");
+    assert_eq!(
+        r1[0].host_ifindex.min(r1[1].host_ifindex),
+        routed.host_ifindex
+    );
+    assert_eq!(r1[0].host_ifindex.max(r1[1].host_ifindex), second_ifindex);
+}
+
+fn scanned_nsid(scanned: &[PodVeth], host_ifindex: u32) -> i32 {
+    scanned
+        .iter()
+        .find(|veth| veth.host_ifindex == host_ifindex)
+        .unwrap_or_else(|| panic!("no veth {host_ifindex} in {scanned:?}"))
+        .netnsid
+}
+
+/// A pod network namespace with no name anywhere (a runtime need not bind-mount its pod
+/// namespaces under `/run/netns`): a thread `unshare`s it and holds it until dropped (also while
+/// a failed assertion unwinds), which destroys it and the veth pair with it.
+struct UnnamedPod {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl UnnamedPod {
+    /// `eth0` with `address` in a fresh namespace, peered with `host_veth` in `node`.
+    fn start(node: &str, host_veth: &str, address: &str) -> Self {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let (ready_tx, ready) = mpsc::channel();
+        let (node, host_veth, address) =
+            (node.to_string(), host_veth.to_string(), address.to_string());
+        let thread = thread::spawn(move || {
+            let setup = (|| -> anyhow::Result<()> {
+                // SAFETY: plain syscall; it changes only this thread.
+                if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error().into());
+                }
+                // Commands started from this thread run in its namespace.
+                run(&[
+                    "ip", "link", "add", "eth0", "type", "veth", "peer", "name", &host_veth,
+                    "netns", &node,
+                ])?;
+                run(&["ip", "addr", "add", &address, "dev", "eth0"])?;
+                run(&["ip", "link", "set", "eth0", "up"])?;
+                Ok(())
+            })();
+            let _ = ready_tx.send(setup.map_err(|e| format!("{e:#}")));
+            // Until the sender is dropped.
+            let _ = stopped.recv();
+        });
+        let pod = Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        };
+        ready.recv().unwrap().unwrap();
+        pod
+    }
+}
+
+impl Drop for UnnamedPod {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The pod's namespace has no file anywhere: learned all the same.
+#[test]
+fn unnamed_pod_namespaces() {
+    let (lab, pods) = lab(71);
+    let node = lab.node_netns();
+    let unnamed = UnnamedPod::start(node, "pvu-0", "10.72.9.9/32");
+    let mut want = expected(&pods);
+    want.insert(Ipv4Addr::new(10, 72, 9, 9).into(), ifindex(node, "pvu-0"));
+    assert_eq!(learn_in(node), want);
+    drop(unnamed);
+    // The namespace goes away asynchronously, and its veth pair with it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let learned = learn_in(node);
+        if learned == expected(&pods) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still learned: {learned:?}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const CAP_NET_ADMIN: u32 = 12;
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// Leaves the calling thread (only: capabilities are per thread) with `keep` alone (a bit per
+/// capability): every other capability leaves its bounding set, then its effective and
+/// permitted sets are set to `keep` and its inheritable set emptied (which also empties its
+/// ambient set).
+fn keep_only_caps(keep: u64) -> io::Result<()> {
+    let last: u32 = fs::read_to_string("/proc/sys/kernel/cap_last_cap")?
+        .trim()
+        .parse()
+        .map_err(io::Error::other)?;
+    for cap in (0..=last).filter(|&cap| keep & (1 << cap) == 0) {
+        // SAFETY: plain per-thread syscall with integer arguments.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [keep as u32, (keep >> 32) as u32].map(|bits| CapData {
+        effective: bits,
+        permitted: bits,
+        inheritable: 0,
+    });
+    // SAFETY: the header and the two data structs of version 3 outlive the call.
+    if unsafe { libc::syscall(libc::SYS_capset, &raw const header, data.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The capability sets of the calling thread, as `/proc/thread-self/status` shows them.
+fn thread_caps() -> BTreeMap<String, String> {
+    fs::read_to_string("/proc/thread-self/status")
+        .unwrap()
+        .lines()
+        .filter_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.starts_with("Cap")
+                .then(|| (key.to_string(), value.trim().to_string()))
+        })
+        .collect()
+}
+
+/// Learning works on a thread that holds `CAP_NET_ADMIN` and no other capability (it could
+/// not even enter a pod's namespace, which the learning never does); without `CAP_NET_ADMIN`
+/// the kernel refuses the targeted dumps (each namespace is skipped with a warning), so
+/// nothing is learned.
+#[test]
+fn only_cap_net_admin_is_needed() {
+    let (lab, pods) = lab(73);
+    let pod_netns = format!("{NETNS_DIR}/{}", pods[0].netns);
+    let (caps, setns_error, learned) = in_netns(lab.node_netns(), || {
+        // Opened while still privileged, to show that setns is refused afterwards.
+        let pod_ns = fs::File::open(&pod_netns).unwrap();
+        keep_only_caps(1 << CAP_NET_ADMIN).unwrap();
+        let caps = thread_caps();
+        // SAFETY: plain syscall; if it succeeded it would change only this (fresh) thread.
+        let setns =
+            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&pod_ns), libc::CLONE_NEWNET) };
+        let setns_error = (setns != 0).then(io::Error::last_os_error);
+        (caps, setns_error, pod_veths::learn())
+    });
+    let net_admin_only = format!("{:016x}", 1u64 << CAP_NET_ADMIN);
+    for (set, value) in [
+        ("CapEff", &net_admin_only),
+        ("CapPrm", &net_admin_only),
+        ("CapBnd", &net_admin_only),
+        ("CapInh", &format!("{:016x}", 0)),
+        ("CapAmb", &format!("{:016x}", 0)),
+    ] {
+        assert_eq!(caps.get(set), Some(value), "{caps:?}");
+    }
+    assert_eq!(
+        setns_error.and_then(|e| e.raw_os_error()),
+        Some(libc::EPERM),
+        "setns without CAP_SYS_ADMIN"
+    );
+    assert_eq!(learned.unwrap(), expected(&pods));
+
+    let (caps, learned) = in_netns(lab.node_netns(), || {
+        keep_only_caps(0).unwrap();
+        (thread_caps(), pod_veths::learn())
+    });
+    assert_eq!(caps.get("CapEff"), Some(&format!("{:016x}", 0)), "{caps:?}");
+    assert_eq!(learned.unwrap(), BTreeMap::new());
 }
 
 /// Creates and deletes namespaces with a veth to a node in a loop, on a thread of its own,
@@ -327,7 +537,7 @@ fn namespaces_vanishing_during_scans() {
     let mut scans = 0;
     let mut seen_alive = 0;
     while Instant::now() < deadline || scans < 20 {
-        let learned = in_netns(&node, || pod_veths::learn(&netns_dirs()))
+        let learned = in_netns(&node, pod_veths::learn)
             .unwrap_or_else(|e| panic!("scan {scans} failed: {e:#}"));
         for (ip, host_ifindex) in &want {
             assert_eq!(learned.get(ip), Some(host_ifindex), "{ip} in scan {scans}");

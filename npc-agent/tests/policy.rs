@@ -510,7 +510,7 @@ fn send_udp_raw(pod: &Pod, src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16,
 fn spoofed_source_is_dropped() {
     let k = cluster("spoof");
     let udp = k.c.serve_udp(5353).unwrap();
-    // Anti-spoofing needs the veths learned (from /run/netns, where the lab's pods are).
+    // Anti-spoofing needs the veths learned (from the node namespace, by namespace id).
     for p in [&k.a, &k.b] {
         endpoint_until(&k.agent, p, "veth learned", |e| e.ifindex == p.host_ifindex);
     }

@@ -2,57 +2,79 @@
 //!
 //! The datapath's `endpoints` map records, per local pod IP, the ifindex of the host veth the
 //! pod's packets arrive on, and `from_pod` drops a packet whose source endpoint is bound to
-//! another veth. This module finds those bindings by looking at the pods' side of the veths:
+//! another veth. This module finds those bindings from the calling (node) network namespace
+//! alone, with rtnetlink, without entering any other namespace:
 //!
-//! 1. Every network namespace file in the given directories (container runtimes keep pod
-//!    namespaces under `/run/netns`: containerd and CRI-O as `cni-<uuid>`; the test lab as
-//!    `<lab>-<pod>`) is entered on a dedicated thread (`setns(CLONE_NEWNET)`), and a netlink
-//!    socket created there dumps the namespace's links and addresses.
-//! 2. A veth in that namespace whose peer is in another namespace reports the peer's ifindex
-//!    (`IFLA_LINK`) and that namespace's id (`IFLA_LINK_NETNSID`, as numbered by the pod's
-//!    namespace). The veth counts only if that id is the id of the *calling* namespace, as
-//!    `RTM_GETNSID` with a file descriptor of the calling namespace tells.
-//! 3. At the end, a link dump of the calling namespace confirms each binding from the other
-//!    side: a veth with ifindex `IFLA_LINK` exists there, its own `IFLA_LINK` is the pod-side
-//!    ifindex, and its `IFLA_LINK_NETNSID` is the id of the pod's namespace. Ifindexes are per
-//!    namespace and small (a pod's `eth0` is usually 2), so matching ifindexes alone would
-//!    happily pair a host veth with the pod of another node namespace on the same machine
-//!    (nested clusters, the lab); the namespace ids make the match exact.
-//! 4. The pod-side veth's addresses (IPv4 and IPv6, except link-local, loopback and
+//! 1. A link dump (`RTM_GETLINK`) of the calling namespace lists its veths. For a veth whose
+//!    peer is in another namespace the kernel reports the peer's ifindex (`IFLA_LINK`) and that
+//!    namespace's id *as numbered by the calling namespace* (`IFLA_LINK_NETNSID`, assigned by
+//!    the kernel during the dump if the namespace had none yet). A veth whose peer is in the
+//!    same namespace has no `IFLA_LINK_NETNSID` and is skipped.
+//! 2. For each distinct peer namespace id, an address dump of *that* namespace, asked from
+//!    the calling one: `RTM_GETADDR` carrying `IFA_TARGET_NETNSID` (Linux >= 4.20), once for
+//!    IPv4 and once for IPv6. The pod-side veth's addresses (except link-local, loopback and
 //!    DAD-failed ones) map to the host-side ifindex.
+//! 3. Then a link dump of that namespace (`RTM_GETLINK` carrying `IFLA_TARGET_NETNSID`)
+//!    confirms each pair from the pod's side: the link with the peer's ifindex is a veth whose
+//!    own `IFLA_LINK` is the host veth and whose `IFLA_LINK_NETNSID` is the calling namespace's
+//!    id for itself. Namespace ids are reused (the lowest free one) once a namespace is gone,
+//!    so an id from step 1 may name another namespace by step 2; that namespace's veth cannot
+//!    point back at a host veth of the vanished one (which went with it), so the confirmation,
+//!    made after the address dump, rejects the stale id. Ifindexes are per namespace and small
+//!    (a pod's `eth0` is usually 2), so the ids are what keeps a host veth from being paired
+//!    with the pod of another node namespace on the same machine (nested clusters, the lab).
 //!
 //! This works the same for bridge CNIs (the host veth is a bridge port, and the route to the
 //! pod points at the bridge) and routed CNIs (`/32` route via the host veth), needs no ARP or
-//! neighbour entry (so it works at startup), and ignores namespaces whose veths lead elsewhere:
-//! `/run/netns` may hold namespaces of other node namespaces, and the calling namespace itself.
+//! neighbour entry (so it works at startup), finds pod namespaces whether or not a runtime
+//! bind-mounted them anywhere (`/run/netns`), and ignores veths that lead elsewhere.
 //!
-//! Robustness: a namespace that vanishes while it is scanned (its file is gone, or is no longer
-//! a namespace mount) is skipped silently; any other problem with one namespace is logged as a
-//! warning and the scan goes on. Only failures in the calling namespace itself are errors.
-//! An address found on two different host veths (e.g. a sandbox being torn down while its
-//! replacement comes up) is left out of [`learn`]'s map with a warning: an unbound endpoint is
-//! merely not checked, a wrongly bound one would lose its traffic.
+//! Kernel details this relies on (read in the sources of Linux 6.x, and checked by the tests):
+//! - `IFA_TARGET_NETNSID` in an address dump is honoured only on a socket with strict
+//!   checking (`NETLINK_GET_STRICT_CHK`, Linux >= 4.20); without it the IPv4 and IPv6 dumps
+//!   silently ignore the attribute and answer for the calling namespace. So the socket turns
+//!   strict checking on (failing loudly on older kernels), and every answer must carry the
+//!   target id back (`IFA_TARGET_NETNSID` / `IFLA_TARGET_NETNSID`, which the kernel adds to
+//!   each message of a targeted dump): an answer without it fails the whole scan.
+//! - A targeted dump the kernel refuses ends with `NLMSG_DONE` carrying the negative errno
+//!   (not with `NLMSG_ERROR`): `EINVAL` for an id it does not know, `EACCES` without
+//!   `CAP_NET_ADMIN` over the target's user namespace.
+//! - Reporting a pod-side veth to the calling namespace's socket gives the calling namespace
+//!   an id for itself (the veth's `IFLA_LINK_NETNSID`), which `RTM_GETNSID` with a file
+//!   descriptor of the calling namespace then returns: what step 3 compares with.
+//! - A namespace being destroyed keeps its id for a moment (its host veths are still listed
+//!   with it) but can no longer be targeted.
 //!
-//! Cost: one short-lived thread per call, and per namespace one `setns` and three or four small
-//! netlink round trips (well under a millisecond), plus a link dump of the calling namespace.
-//! [`learn`] blocks for that long; [`learn_async`] runs it on its own thread.
+//! Robustness: a namespace that vanishes before or while it is scanned (a targeted dump fails
+//! with `EINVAL`, and `RTM_GETNSID` answers `ENOENT` for the id) is skipped silently, and so
+//! are pairs that no longer confirm; any other problem with one namespace is logged as a
+//! warning and the scan goes on. Only failures in the calling namespace itself (and a kernel
+//! that ignores the target) are errors. An address found on two different host veths (e.g. a
+//! sandbox being torn down while its replacement comes up) is left out of [`learn`]'s map with
+//! a warning: an unbound endpoint is merely not checked, a wrongly bound one would lose its
+//! traffic.
 //!
-//! Needs `CAP_SYS_ADMIN` (`setns`) and read access to the namespace files.
+//! Cost: one link dump of the calling namespace, and per pod namespace three small dumps (IPv4
+//! addresses, IPv6 addresses, links), all on one netlink socket; no threads, no namespace
+//! switches. [`learn`] blocks for that long; [`learn_async`] runs it on tokio's blocking pool.
+//!
+//! Needs only `CAP_NET_ADMIN` (in the user namespace owning the pods' network namespaces: the
+//! kernel checks it for every targeted request, on the socket's opener and on the caller); no
+//! `CAP_SYS_ADMIN`, and no namespace file but the caller's own (`/proc/thread-self/ns/net`,
+//! for `RTM_GETNSID`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt as _;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
-use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use netlink_packet_route::nsid::{NsidAttribute, NsidMessage};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::protocols::NETLINK_ROUTE;
 use netlink_sys::{Socket, SocketAddr};
 use rtnetlink::packet_core::{
@@ -60,24 +82,21 @@ use rtnetlink::packet_core::{
 };
 use tracing::{debug, warn};
 
-/// Where `ip netns`, containerd and CRI-O keep their network namespace files (`/var/run/netns`
-/// is usually a symlink to it).
-pub const NETNS_DIR: &str = "/run/netns";
-
 /// The network namespace of the calling thread.
 const OWN_NETNS: &str = "/proc/thread-self/ns/net";
 
-/// How long to wait for a netlink answer before giving up on a namespace.
+/// How long to wait for a netlink answer.
 const NETLINK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How many times a dump the kernel flagged as inconsistent (`NLM_F_DUMP_INTR`) is retried.
 const DUMP_ATTEMPTS: u32 = 5;
 
-/// A veth pair with its pod side in a scanned namespace and its host side in the calling one.
+/// A veth pair with its host side in the calling namespace and its pod side in another one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodVeth {
-    /// The namespace file the pod side was found through.
-    pub netns: PathBuf,
+    /// The id the calling namespace gives the pod's network namespace (what `ip netns
+    /// list-id` shows there).
+    pub netnsid: i32,
     /// Ifindex of the pod-side veth, in the pod's namespace.
     pub pod_ifindex: u32,
     /// Ifindex of the host-side veth, in the calling namespace (what the TC programs see).
@@ -88,51 +107,28 @@ pub struct PodVeth {
 }
 
 /// Maps every local pod address to the ifindex (in the calling thread's network namespace) of
-/// the host veth that carries it, by scanning the network namespace files in `netns_dirs` (see
-/// the [module documentation](self)). Missing directories are skipped.
+/// the host veth that carries it (see the [module documentation](self)).
 ///
-/// Blocks for the duration of the scan (it runs on a thread of its own, so the calling
-/// thread's namespace is never changed); from async code use [`learn_async`].
-pub fn learn<P: AsRef<Path>>(netns_dirs: &[P]) -> anyhow::Result<BTreeMap<IpAddr, u32>> {
-    Ok(address_map(&scan(netns_dirs)?))
+/// Blocks for the duration of the scan; from async code use [`learn_async`].
+pub fn learn() -> anyhow::Result<BTreeMap<IpAddr, u32>> {
+    Ok(address_map(&scan()?))
 }
 
 /// [`learn`] without blocking the runtime: the calling namespace is the one of the thread that
-/// polls this future first (every thread of the agent is in the node's namespace), and the scan
-/// runs on a dedicated thread.
-pub async fn learn_async(netns_dirs: Vec<PathBuf>) -> anyhow::Result<BTreeMap<IpAddr, u32>> {
-    let home = open_own_netns()?;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("npc-pod-veths".into())
-        .spawn(move || {
-            let _ = tx.send(scan_on_this_thread(&home, &netns_dirs).map(|v| address_map(&v)));
-        })
-        .context("failed to start the pod veth scan thread")?;
-    rx.await
-        .map_err(|_| anyhow!("the pod veth scan thread panicked"))?
+/// polls this future first (its netlink socket is opened there), and the scan runs on tokio's
+/// blocking pool.
+pub async fn learn_async() -> anyhow::Result<BTreeMap<IpAddr, u32>> {
+    let scanner = Scanner::open()?;
+    tokio::task::spawn_blocking(move || scanner.scan().map(|veths| address_map(&veths)))
+        .await
+        .map_err(|_| anyhow!("the pod veth scan panicked"))?
 }
 
-/// The veth pairs from the namespaces in `netns_dirs` to the calling thread's namespace, in
-/// the order the namespaces were scanned (directories in order, files by name). Includes veths
-/// without addresses: every [`PodVeth::host_ifindex`] is a veth that belongs to a pod.
-pub fn scan<P: AsRef<Path>>(netns_dirs: &[P]) -> anyhow::Result<Vec<PodVeth>> {
-    let home = open_own_netns()?;
-    let dirs: Vec<PathBuf> = netns_dirs.iter().map(|d| d.as_ref().to_owned()).collect();
-    std::thread::scope(|s| {
-        std::thread::Builder::new()
-            .name("npc-pod-veths".into())
-            .spawn_scoped(s, || scan_on_this_thread(&home, &dirs))
-            .context("failed to start the pod veth scan thread")?
-            .join()
-            .map_err(|_| anyhow!("the pod veth scan thread panicked"))?
-    })
-}
-
-/// The inode number of the calling thread's network namespace (what `ip netns identify` and
-/// `stat -L /run/netns/X` compare).
-pub fn own_netns_ino() -> io::Result<u64> {
-    Ok(std::fs::metadata(OWN_NETNS)?.ino())
+/// The confirmed veth pairs from the calling thread's namespace to other namespaces, ordered
+/// by namespace id, then host ifindex. Includes veths without addresses: every
+/// [`PodVeth::host_ifindex`] is a veth that leads into another namespace.
+pub fn scan() -> anyhow::Result<Vec<PodVeth>> {
+    Scanner::open()?.scan()
 }
 
 /// Folds scanned veths into address -> host ifindex, leaving out (with a warning) addresses
@@ -160,233 +156,184 @@ fn address_map(veths: &[PodVeth]) -> BTreeMap<IpAddr, u32> {
         .collect()
 }
 
-fn open_own_netns() -> anyhow::Result<File> {
-    File::open(OWN_NETNS).with_context(|| format!("failed to open {OWN_NETNS}"))
+/// A netlink socket of the calling namespace, and that namespace's file (to ask the kernel for
+/// the id the namespace gives itself).
+struct Scanner {
+    rtnl: Rtnl,
+    own_netns: File,
 }
 
-/// A namespace file's identity: (device, inode) of the nsfs inode.
-type NsId = (u64, u64);
-
-fn ns_id(file: &File) -> io::Result<NsId> {
-    let meta = file.metadata()?;
-    Ok((meta.dev(), meta.ino()))
+/// Why one pod namespace could not be scanned.
+enum PeerError {
+    /// The namespace is gone (its id is no longer assigned).
+    Gone,
+    /// Anything else: worth a warning, the scan goes on.
+    Failed(anyhow::Error),
+    /// A problem of the calling namespace or of the kernel: the scan fails.
+    Fatal(anyhow::Error),
 }
 
-/// Joins the network namespace `ns` on the calling thread.
-fn enter(ns: &File) -> io::Result<()> {
-    // SAFETY: plain syscall on a valid fd; it changes only the calling thread, which is a
-    // dedicated thread of this module.
-    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
+impl Scanner {
+    fn open() -> anyhow::Result<Self> {
+        Ok(Self {
+            rtnl: Rtnl::open().context("failed to open a netlink socket")?,
+            own_netns: File::open(OWN_NETNS)
+                .with_context(|| format!("failed to open {OWN_NETNS}"))?,
+        })
     }
-    Ok(())
-}
 
-/// A pod-side veth whose peer claims to be in the calling namespace, to be confirmed there.
-struct Candidate {
-    veth: PodVeth,
-    /// The id of the pod's namespace as numbered by the calling namespace.
-    pod_nsid: i32,
-}
-
-/// The scan itself. Changes the calling thread's network namespace: run it only on a
-/// dedicated thread that ends afterwards.
-fn scan_on_this_thread(home: &File, dirs: &[PathBuf]) -> anyhow::Result<Vec<PodVeth>> {
-    let home_id = ns_id(home).context("failed to stat the calling network namespace")?;
-    // Threads start in the namespace of the thread that spawned them, usually the calling one.
-    let here = std::fs::metadata(OWN_NETNS).map(|meta| (meta.dev(), meta.ino()));
-    if here.ok() != Some(home_id) {
-        enter(home).context("failed to enter the calling network namespace")?;
-    }
-    // Created now, the socket stays in the calling namespace while the thread moves on.
-    let mut home_rtnl = Rtnl::open().context("failed to open a netlink socket")?;
-
-    let mut seen = HashSet::from([home_id]);
-    let mut candidates = Vec::new();
-    for dir in dirs {
-        for path in namespace_files(dir) {
-            match scan_netns(&path, home, &mut home_rtnl, &mut seen) {
-                Ok(found) => candidates.extend(found),
-                Err(error) => warn!(
-                    netns = %path.display(),
+    fn scan(mut self) -> anyhow::Result<Vec<PodVeth>> {
+        let mut by_nsid: BTreeMap<i32, Vec<VethLink>> = BTreeMap::new();
+        for veth in self
+            .rtnl
+            .links(None)
+            .context("failed to dump the links of the calling network namespace")?
+        {
+            if let (Some(_), Some(nsid)) = (veth.peer_ifindex, veth.peer_nsid) {
+                by_nsid.entry(nsid).or_default().push(veth);
+            }
+        }
+        // The id the calling namespace gives itself: the pod-side veths' IFLA_LINK_NETNSID as
+        // reported to this socket. Asked once, after the first targeted link dump (which makes
+        // the kernel assign it if needed).
+        let mut own_nsid = None;
+        let mut found = Vec::new();
+        for (nsid, host_veths) in by_nsid {
+            match self.scan_peer(nsid, &host_veths, &mut own_nsid) {
+                Ok(veths) => found.extend(veths),
+                Err(PeerError::Gone) => {
+                    debug!(
+                        nsid,
+                        "network namespace vanished during the scan; skipping it"
+                    );
+                }
+                Err(PeerError::Failed(error)) => warn!(
+                    nsid,
                     error = format!("{error:#}"),
                     "failed to look for pod veths in a network namespace; skipping it"
                 ),
+                Err(PeerError::Fatal(error)) => return Err(error),
             }
         }
+        Ok(found)
     }
-    if candidates.is_empty() {
-        return Ok(Vec::new());
-    }
 
-    // Dumped last so that host veths deleted meanwhile are dropped, not reported.
-    let home_links: HashMap<u32, VethLink> = home_rtnl
-        .dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))
-        .context("failed to dump the links of the calling network namespace")?
-        .iter()
-        .filter_map(|message| match message {
-            RouteNetlinkMessage::NewLink(link) => VethLink::from_message(link),
-            _ => None,
-        })
-        .map(|link| (link.index, link))
-        .collect();
-    Ok(candidates
-        .into_iter()
-        .filter_map(|Candidate { veth, pod_nsid }| {
-            let confirmed = home_links.get(&veth.host_ifindex).is_some_and(|host| {
-                host.peer_ifindex == Some(veth.pod_ifindex) && host.peer_nsid == Some(pod_nsid)
-            });
-            if !confirmed {
-                debug!(
-                    netns = %veth.netns.display(),
-                    pod_ifindex = veth.pod_ifindex,
-                    host_ifindex = veth.host_ifindex,
-                    "host veth gone or changed during the scan; ignoring it"
-                );
+    /// The confirmed pairs between `host_veths` (whose peers are in the namespace with id
+    /// `nsid`) and that namespace.
+    fn scan_peer(
+        &mut self,
+        nsid: i32,
+        host_veths: &[VethLink],
+        own_nsid: &mut Option<i32>,
+    ) -> Result<Vec<PodVeth>, PeerError> {
+        let mut addresses: HashMap<u32, BTreeSet<IpAddr>> = HashMap::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            for message in self.targeted(nsid, |rtnl| rtnl.addresses(family, nsid))? {
+                if let Some(ip) = pod_address(&message) {
+                    addresses
+                        .entry(message.header.index)
+                        .or_default()
+                        .insert(ip);
+                }
             }
-            confirmed.then_some(veth)
-        })
-        .collect())
-}
-
-/// The entries of a namespace directory, sorted; a missing directory has none, an unreadable
-/// one is logged.
-fn namespace_files(dir: &Path) -> Vec<PathBuf> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(error) if error.kind() == io::ErrorKind::NotFound => {
-            debug!(dir = %dir.display(), "network namespace directory does not exist");
-            return Vec::new();
         }
-        Err(error) => {
-            warn!(
-                dir = %dir.display(),
-                %error,
-                "failed to read a network namespace directory; skipping it"
-            );
-            return Vec::new();
-        }
-    };
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(|entry| match entry {
-            Ok(entry) if entry.file_type().is_ok_and(|t| t.is_dir()) => None,
-            Ok(entry) => Some(entry.path()),
-            Err(error) => {
-                warn!(dir = %dir.display(), %error, "failed to read a directory entry");
-                None
-            }
-        })
-        .collect();
-    paths.sort();
-    paths
-}
-
-/// Scans one namespace file: its veths whose peer is in the calling namespace, with their
-/// addresses. `Ok(empty)` for files that are not (or no longer) namespaces, for namespaces
-/// already seen (the calling one, or another name for a scanned one) and for namespaces with
-/// no such veth.
-fn scan_netns(
-    path: &Path,
-    home: &File,
-    home_rtnl: &mut Rtnl,
-    seen: &mut HashSet<NsId>,
-) -> anyhow::Result<Vec<Candidate>> {
-    let file = match File::open(path) {
-        Ok(file) => file,
-        Err(error) if error.kind() == io::ErrorKind::NotFound => {
-            debug!(netns = %path.display(), "network namespace vanished before it was scanned");
+        // After the addresses: see the module documentation (stale ids).
+        let pod_links: HashMap<u32, VethLink> = self
+            .targeted(nsid, |rtnl| rtnl.links(Some(nsid)))?
+            .into_iter()
+            .map(|link| (link.index, link))
+            .collect();
+        if !pod_links.values().any(|pod| pod.peer_nsid.is_some()) {
+            // No veth there leads out of that namespace (any more): nothing to confirm.
             return Ok(Vec::new());
         }
-        Err(error) => return Err(error).context("failed to open it"),
-    };
-    if !seen.insert(ns_id(&file).context("failed to stat it")?) {
-        return Ok(Vec::new());
-    }
-    match enter(&file) {
-        Ok(()) => {}
-        // A plain file: a namespace being created (`ip netns add` creates the file, then mounts
-        // the namespace on it) or deleted (unmounted, not yet removed); or not a network
-        // namespace at all.
-        Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
-            debug!(netns = %path.display(), "not a network namespace (now); skipping it");
-            return Ok(Vec::new());
-        }
-        Err(error) => return Err(error).context("failed to enter it"),
-    }
-    let mut rtnl = Rtnl::open().context("failed to open a netlink socket in it")?;
-
-    let links = rtnl
-        .dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))
-        .context("failed to dump its links")?;
-    let veths: Vec<VethLink> = links
-        .iter()
-        .filter_map(|message| match message {
-            RouteNetlinkMessage::NewLink(link) => VethLink::from_message(link),
-            _ => None,
-        })
-        .filter(|veth| veth.peer_ifindex.is_some() && veth.peer_nsid.is_some())
-        .collect();
-    if veths.is_empty() {
-        return Ok(Vec::new());
-    }
-    // Asked after the link dump, which assigns ids to the namespaces of veth peers.
-    let Some(home_nsid) = rtnl
-        .nsid_of(home)
-        .context("failed to get the id of the calling namespace")?
-    else {
-        // The calling namespace has no id here: no veth of this namespace leads to it.
-        return Ok(Vec::new());
-    };
-    let veths: Vec<VethLink> = veths
-        .into_iter()
-        .filter(|veth| veth.peer_nsid == Some(home_nsid))
-        .collect();
-    if veths.is_empty() {
-        return Ok(Vec::new());
-    }
-    let Some(pod_nsid) = home_rtnl
-        .nsid_of(&file)
-        .context("failed to get its id in the calling namespace")?
-    else {
-        // Its veths lead to the calling namespace, which should hence have an id for it; it
-        // was probably deleted meanwhile.
-        debug!(netns = %path.display(), "network namespace has no id in the calling one");
-        return Ok(Vec::new());
-    };
-
-    let mut addresses: HashMap<u32, BTreeSet<IpAddr>> = HashMap::new();
-    for message in rtnl
-        .dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()))
-        .context("failed to dump its addresses")?
-    {
-        if let RouteNetlinkMessage::NewAddress(address) = message
-            && let Some(ip) = pod_address(&address)
-        {
-            addresses
-                .entry(address.header.index)
-                .or_default()
-                .insert(ip);
-        }
-    }
-    Ok(veths
-        .into_iter()
-        .filter_map(|veth| {
-            Some(Candidate {
-                veth: PodVeth {
-                    netns: path.to_owned(),
-                    pod_ifindex: veth.index,
-                    host_ifindex: veth.peer_ifindex?,
+        let own_nsid = match *own_nsid {
+            Some(id) => id,
+            None => match self
+                .rtnl
+                .nsid_of(&self.own_netns)
+                .context("failed to get the id of the calling network namespace")
+                .map_err(PeerError::Fatal)?
+            {
+                // The targeted link dump above reported the pod-side veths' peer namespaces
+                // to this socket, assigning ids where needed: if one of them is the calling
+                // namespace, it has an id for itself now.
+                Some(id) => *own_nsid.insert(id),
+                None => return Ok(Vec::new()),
+            },
+        };
+        Ok(host_veths
+            .iter()
+            .filter_map(|host| {
+                let pod_ifindex = host.peer_ifindex?;
+                let confirmed = pod_links.get(&pod_ifindex).is_some_and(|pod| {
+                    pod.peer_ifindex == Some(host.index) && pod.peer_nsid == Some(own_nsid)
+                });
+                if !confirmed {
+                    debug!(
+                        nsid,
+                        pod_ifindex,
+                        host_ifindex = host.index,
+                        "veth pair gone or changed during the scan; ignoring it"
+                    );
+                    return None;
+                }
+                Some(PodVeth {
+                    netnsid: nsid,
+                    pod_ifindex,
+                    host_ifindex: host.index,
                     addresses: addresses
-                        .remove(&veth.index)
+                        .remove(&pod_ifindex)
                         .unwrap_or_default()
                         .into_iter()
                         .collect(),
-                },
-                pod_nsid,
+                })
             })
-        })
-        .collect())
+            .collect())
+    }
+
+    /// Runs a request targeted at the namespace with id `nsid`, and sorts its failures: the
+    /// kernel answers `EINVAL` for an id it does not know (the namespace is gone), which
+    /// `RTM_GETNSID` for that id (`ENOENT`) tells from other invalid requests.
+    fn targeted<T>(
+        &mut self,
+        nsid: i32,
+        request: impl FnOnce(&mut Rtnl) -> anyhow::Result<T>,
+    ) -> Result<T, PeerError> {
+        let error = match request(&mut self.rtnl) {
+            Ok(answer) => return Ok(answer),
+            Err(error) => error,
+        };
+        if error.is::<UntargetedAnswer>() {
+            return Err(PeerError::Fatal(error));
+        }
+        if os_error(&error) != Some(libc::EINVAL) {
+            return Err(PeerError::Failed(error));
+        }
+        match self.rtnl.nsid_exists(nsid) {
+            Ok(false) => Err(PeerError::Gone),
+            Ok(true) => Err(PeerError::Failed(error)),
+            Err(lookup) => Err(PeerError::Failed(
+                error.context(format!("and looking up the id failed: {lookup:#}")),
+            )),
+        }
+    }
 }
+
+/// The errno of a failed request, if the kernel answered with one.
+fn os_error(error: &anyhow::Error) -> Option<i32> {
+    error
+        .downcast_ref::<io::Error>()
+        .and_then(io::Error::raw_os_error)
+}
+
+/// An answer to a targeted dump without the target id: the kernel ignored the target.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the kernel answered a dump targeted at network namespace id {0} without the target id: \
+     it does not support IFA_TARGET_NETNSID/IFLA_TARGET_NETNSID dumps (Linux >= 4.20 needed)"
+)]
+struct UntargetedAnswer(i32);
 
 /// What matters of a veth: its index, and its peer's index and namespace id (`None` when the
 /// peer is in the same namespace).
@@ -424,7 +371,9 @@ impl VethLink {
 }
 
 /// The address of an `RTM_NEWADDR` message if it can be a pod's (not link-local, loopback,
-/// unspecified, multicast, or DAD-failed).
+/// unspecified, multicast, or DAD-failed). Tentative addresses (IPv6 duplicate address
+/// detection still running) count: they are the pod's unless DAD fails, and a duplicate on
+/// another local veth is left out as a conflict anyway.
 fn pod_address(message: &AddressMessage) -> Option<IpAddr> {
     let mut local = None;
     let mut address = None;
@@ -453,7 +402,8 @@ fn is_pod_ip(ip: IpAddr) -> bool {
         }
 }
 
-/// A blocking rtnetlink socket of the namespace the calling thread was in when it was opened.
+/// A blocking rtnetlink socket with strict checking, of the namespace the calling thread was
+/// in when it was opened.
 struct Rtnl {
     socket: Socket,
     sequence: u32,
@@ -463,6 +413,14 @@ impl Rtnl {
     fn open() -> io::Result<Self> {
         let mut socket = Socket::new(NETLINK_ROUTE)?;
         socket.bind_auto()?;
+        // Without it, targeted address dumps answer for the calling namespace (see the module
+        // documentation); ENOPROTOOPT before Linux 4.20.
+        socket.set_netlink_get_strict_chk(true).map_err(|error| {
+            io::Error::new(
+                error.kind(),
+                format!("NETLINK_GET_STRICT_CHK (Linux >= 4.20 needed): {error}"),
+            )
+        })?;
         let timeout = libc::timeval {
             tv_sec: NETLINK_TIMEOUT.as_secs() as libc::time_t,
             tv_usec: 0,
@@ -484,6 +442,61 @@ impl Rtnl {
             socket,
             sequence: 0,
         })
+    }
+
+    /// The veths of the socket's namespace, or of the namespace with id `target` in it
+    /// (`IFLA_TARGET_NETNSID`, which netlink-packet-route calls `IFLA_IF_NETNSID`, its older
+    /// name: same number).
+    fn links(&mut self, target: Option<i32>) -> anyhow::Result<Vec<VethLink>> {
+        let mut request = LinkMessage::default();
+        request
+            .attributes
+            .extend(target.map(LinkAttribute::IfNetnsId));
+        let mut veths = Vec::new();
+        for answer in self.dump(RouteNetlinkMessage::GetLink(request))? {
+            let RouteNetlinkMessage::NewLink(link) = answer else {
+                continue;
+            };
+            if let Some(target) = target
+                && !link
+                    .attributes
+                    .iter()
+                    .any(|a| matches!(a, LinkAttribute::IfNetnsId(id) if *id == target))
+            {
+                return Err(UntargetedAnswer(target).into());
+            }
+            veths.extend(VethLink::from_message(&link));
+        }
+        Ok(veths)
+    }
+
+    /// The `family` addresses of the namespace with id `target` (`IFA_TARGET_NETNSID`, which
+    /// netlink-packet-route has as a typed attribute).
+    fn addresses(
+        &mut self,
+        family: AddressFamily,
+        target: i32,
+    ) -> anyhow::Result<Vec<AddressMessage>> {
+        let mut request = AddressMessage::default();
+        request.header.family = family;
+        request
+            .attributes
+            .push(AddressAttribute::TargetNetNsId(target));
+        let mut addresses = Vec::new();
+        for answer in self.dump(RouteNetlinkMessage::GetAddress(request))? {
+            let RouteNetlinkMessage::NewAddress(address) = answer else {
+                continue;
+            };
+            if !address
+                .attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::TargetNetNsId(id) if *id == target))
+            {
+                return Err(UntargetedAnswer(target).into());
+            }
+            addresses.push(address);
+        }
+        Ok(addresses)
     }
 
     /// The id the socket's namespace gives the namespace `ns` (`RTM_GETNSID`), `None` if it
@@ -511,6 +524,18 @@ impl Rtnl {
             .context("no NETNSA_NSID in the RTM_GETNSID answer")
     }
 
+    /// Whether the socket's namespace has a namespace with id `nsid` (`RTM_GETNSID` with
+    /// `NETNSA_NSID`: `ENOENT` when it has none).
+    fn nsid_exists(&mut self, nsid: i32) -> anyhow::Result<bool> {
+        let mut request = NsidMessage::default();
+        request.attributes.push(NsidAttribute::Id(nsid));
+        match self.request(RouteNetlinkMessage::GetNsId(request), false) {
+            Ok(_) => Ok(true),
+            Err(error) if os_error(&error) == Some(libc::ENOENT) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
     /// A complete dump, retried while the kernel flags it as inconsistent.
     fn dump(&mut self, request: RouteNetlinkMessage) -> anyhow::Result<Vec<RouteNetlinkMessage>> {
         for _ in 0..DUMP_ATTEMPTS {
@@ -524,7 +549,9 @@ impl Rtnl {
     }
 
     /// Sends `request` and collects the answers: until `NLMSG_DONE` for a dump, else the first
-    /// one. Also returns whether a dump was flagged `NLM_F_DUMP_INTR`.
+    /// one. Also returns whether a dump was flagged `NLM_F_DUMP_INTR`. A negative answer
+    /// (`NLMSG_ERROR`, or `NLMSG_DONE` with an error code) is an [`io::Error`] with the kernel's
+    /// errno.
     fn request(
         &mut self,
         request: RouteNetlinkMessage,
@@ -577,6 +604,11 @@ impl Rtnl {
                             return Ok((answers, false));
                         }
                     }
+                    // A dump that fails (e.g. a target id the kernel does not know) ends
+                    // with NLMSG_DONE carrying the negative errno, not with NLMSG_ERROR.
+                    NetlinkPayload::Done(done) if done.code < 0 => {
+                        return Err(anyhow!(io::Error::from_raw_os_error(-done.code)));
+                    }
                     NetlinkPayload::Done(_) => return Ok((answers, interrupted)),
                     NetlinkPayload::Error(error) if error.code.is_some() => {
                         return Err(anyhow!(error.to_io()));
@@ -594,9 +626,9 @@ impl Rtnl {
 mod tests {
     use super::*;
 
-    fn veth(netns: &str, host_ifindex: u32, addresses: &[&str]) -> PodVeth {
+    fn veth(netnsid: i32, host_ifindex: u32, addresses: &[&str]) -> PodVeth {
         PodVeth {
-            netns: netns.into(),
+            netnsid,
             pod_ifindex: 2,
             host_ifindex,
             addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
@@ -627,12 +659,12 @@ mod tests {
     #[test]
     fn conflicting_addresses_are_left_out() {
         let map = address_map(&[
-            veth("a", 5, &["10.0.0.1", "fd00::1"]),
-            veth("b", 6, &["10.0.0.2", "10.0.0.1"]),
-            veth("c", 7, &[]),
-            // The same namespace reached twice (cannot happen: deduplicated) agrees with itself.
-            veth("d", 8, &["10.0.0.3"]),
-            veth("d", 8, &["10.0.0.3"]),
+            veth(0, 5, &["10.0.0.1", "fd00::1"]),
+            veth(1, 6, &["10.0.0.2", "10.0.0.1"]),
+            veth(2, 7, &[]),
+            // The same pair reported twice (cannot happen) agrees with itself.
+            veth(3, 8, &["10.0.0.3"]),
+            veth(3, 8, &["10.0.0.3"]),
         ]);
         let expected: BTreeMap<IpAddr, u32> = [("fd00::1", 5), ("10.0.0.2", 6), ("10.0.0.3", 8)]
             .into_iter()
@@ -641,23 +673,38 @@ mod tests {
         assert_eq!(map, expected);
     }
 
-    /// Neither a missing directory nor a file that is no network namespace is an error.
+    /// The calling namespace's veths lead wherever they lead (the test host may have pods);
+    /// scanning never fails and every pair it reports is a veth into another namespace.
     #[test]
-    fn missing_directories_and_plain_files() {
-        let dir = std::env::temp_dir().join(format!("npc-pod-veths-unit-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("subdir")).unwrap();
-        std::fs::write(dir.join("plain-file"), b"").unwrap();
-        let result = learn(&[dir.as_path(), Path::new("/nonexistent/npc")]);
-        std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(result.unwrap(), BTreeMap::new());
+    fn scan_of_the_calling_namespace() {
+        for veth in scan().unwrap() {
+            assert!(veth.netnsid >= 0, "{veth:?}");
+        }
     }
 
-    /// `/proc/self/ns` holds the calling network namespace (skipped as the calling one) and
-    /// namespaces of other kinds (not network namespaces). Needs `CAP_SYS_ADMIN`, which the
-    /// agent's tests have.
+    /// An id no namespace has: targeted requests fail with EINVAL, and the id is reported as
+    /// gone rather than as a failure.
     #[test]
-    fn own_and_other_kinds_of_namespaces_are_skipped() {
-        assert!(own_netns_ino().unwrap() > 0);
-        assert_eq!(scan(&["/proc/self/ns"]).unwrap(), Vec::new());
+    fn unknown_namespace_ids_are_gone() {
+        let mut scanner = Scanner::open().unwrap();
+        let unknown = i32::MAX - 7;
+        assert!(!scanner.rtnl.nsid_exists(unknown).unwrap());
+        let mut own = None;
+        let result = scanner.scan_peer(
+            unknown,
+            &[VethLink {
+                index: 1,
+                peer_ifindex: Some(2),
+                peer_nsid: Some(unknown),
+            }],
+            &mut own,
+        );
+        match result {
+            Err(PeerError::Gone) => {}
+            Ok(veths) => panic!("expected Gone, got {veths:?}"),
+            Err(PeerError::Failed(e) | PeerError::Fatal(e)) => {
+                panic!("expected Gone, got {e:#}")
+            }
+        }
     }
 }
