@@ -112,12 +112,14 @@ fn isolated(flags: u32) -> bool {
 /// The ordered writes that turn `realized` into `desired`. `veths` maps local pod addresses to
 /// their host veth (learned; missing: not yet known). `next_generation` hands out generations
 /// (each write of a new generation gets a number never used before, so a conntrack entry of a
-/// recycled address can never match it by chance).
+/// recycled address can never match it by chance). `recheck_all` bumps the generation of every
+/// local endpoint (the datapath's verdict-changing switches changed).
 pub fn plan(
     realized: &Realized,
     desired: &Desired,
     veths: &BTreeMap<IpAddr, u32>,
     next_generation: &mut u32,
+    recheck_all: bool,
 ) -> Vec<Op> {
     let mut ops = Vec::new();
     let want_policy = desired_policy(desired);
@@ -181,7 +183,8 @@ pub fn plan(
         if let Some(old) = old
             && local
         {
-            let changed = old.identity != want.identity
+            let changed = recheck_all
+                || old.identity != want.identity
                 || old.flags != want.flags
                 || old_prints.get(&old.identity) != new_prints.get(&want.identity)
                 || (old_view != new_view && (isolated(old.flags) || isolated(want.flags)));
@@ -233,6 +236,8 @@ pub fn plan(
 pub struct Reconciler {
     realized: Realized,
     next_generation: u32,
+    /// The next apply re-checks every local endpoint's tracked flows.
+    recheck_all: bool,
 }
 
 impl Reconciler {
@@ -249,7 +254,14 @@ impl Reconciler {
         Ok(Reconciler {
             realized,
             next_generation,
+            recheck_all: false,
         })
+    }
+
+    /// Makes the next successful apply bump every local endpoint's generation, so flows tracked
+    /// under other datapath switches (e.g. audit mode) are checked again.
+    pub fn recheck_all(&mut self) {
+        self.recheck_all = true;
     }
 
     pub fn realized(&self) -> &Realized {
@@ -264,7 +276,13 @@ impl Reconciler {
         desired: &Desired,
         veths: &BTreeMap<IpAddr, u32>,
     ) -> Result<Stats> {
-        let ops = plan(&self.realized, desired, veths, &mut self.next_generation);
+        let ops = plan(
+            &self.realized,
+            desired,
+            veths,
+            &mut self.next_generation,
+            self.recheck_all,
+        );
         let mut stats = Stats::default();
         let endpoints_before: BTreeMap<IpAddr, u32> = self
             .realized
@@ -290,6 +308,7 @@ impl Reconciler {
             .iter()
             .filter(|(ip, e)| endpoints_before.get(ip).is_some_and(|g| *g != e.generation))
             .count();
+        self.recheck_all = false;
         Ok(stats)
     }
 }
@@ -405,7 +424,7 @@ mod tests {
     /// Plans `desired` from `realized`, applies the plan, and returns it.
     fn step(realized: &mut Realized, desired: &Desired, next: &mut u32) -> Vec<Op> {
         let veths = BTreeMap::from([(ip("10.0.0.1"), 11), (ip("10.0.0.2"), 12)]);
-        let ops = plan(realized, desired, &veths, next);
+        let ops = plan(realized, desired, &veths, next, false);
         for op in &ops {
             realized.record(*op);
         }

@@ -11,7 +11,7 @@ use futures::StreamExt as _;
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 use npc_common::{CONFIG_ALLOW_HOST, CONFIG_AUDIT, CONFIG_UNKNOWN_ALLOW};
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use tokio::time::Instant;
 
@@ -21,6 +21,7 @@ use crate::{
         AttachMode, Datapath, LoadOptions,
         gc::spawn_conntrack_gc,
         links::{Link, LinkEvent, watch_links},
+        migrate,
     },
     deny_log,
     http::{self, Readiness},
@@ -95,7 +96,10 @@ impl fmt::Display for InterfaceFilter {
 }
 
 /// `npc-agent run`: loads the datapath, attaches it to every selected interface (present now or
-/// created later) and detaches from all of them when SIGTERM or SIGINT arrives.
+/// created later) and keeps it attached until a signal (SIGTERM, SIGINT) arrives. The tcx links
+/// stay pinned when the agent stops, so enforcement goes on with the maps as they are until the
+/// next agent adopts them (`npc-agent cleanup` detaches); cls_bpf filters (kernels without tcx)
+/// are removed.
 ///
 /// Watches the network namespace of the calling thread. Errors when the datapath cannot be
 /// loaded or the interface watch cannot be started or stops; a failure to attach to one
@@ -153,12 +157,22 @@ pub async fn run(opts: Options) -> Result<()> {
             None
         }
     };
+    // Links inherited from a previous agent keep running its programs (with its maps) until
+    // this agent's maps hold the full state: the first sync, or now without a source.
+    let mut adopted = false;
+    if source.is_none() {
+        attacher.adopt_links();
+        adopted = true;
+    }
     let mut sync = PolicySync::new(
         &attacher.datapath.maps,
         ready.clone(),
         opts.state_dir.clone(),
         metrics.clone(),
     )?;
+    if attacher.datapath.recheck_flows() {
+        sync.recheck_all_flows();
+    }
     let ring = attacher
         .datapath
         .maps
@@ -210,15 +224,22 @@ pub async fn run(opts: Options) -> Result<()> {
                 due = None;
                 let update = source.as_mut().expect("a sync is only due with a source").current();
                 metrics.set_invalid_objects(&update.invalid_objects);
-                if let Err(error) = sync.sync(&mut attacher.datapath.maps, &update.state).await {
-                    // The maps keep their last good contents; try again shortly.
-                    warn!(error = format!("{error:#}"), "policy sync failed; retrying in 1 s");
-                    due = Some(Instant::now() + std::time::Duration::from_secs(1));
+                match sync.sync(&mut attacher.datapath.maps, &update.state).await {
+                    Ok(_) if !adopted => {
+                        attacher.adopt_links();
+                        adopted = true;
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        // The maps keep their last good contents; try again shortly.
+                        warn!(error = format!("{error:#}"), "policy sync failed; retrying in 1 s");
+                        due = Some(Instant::now() + std::time::Duration::from_secs(1));
+                    }
                 }
             }
         }
     };
-    attacher.detach_all();
+    attacher.release();
     result
 }
 
@@ -291,9 +312,10 @@ impl Attacher {
         match event {
             LinkEvent::Added(link) if self.filter.selects(&link) => self.attach(link),
             LinkEvent::Added(link) => {
-                // Renamed so that it is no longer selected.
+                // Renamed so that it is no longer selected, or inherited from an agent that
+                // selected other interfaces.
+                self.datapath.detach(link.index);
                 if let Some(was) = self.attached.remove(&link.index) {
-                    self.datapath.detach(link.index);
                     info!(
                         ifindex = link.index,
                         name = %link.name,
@@ -357,13 +379,50 @@ impl Attacher {
         }
     }
 
-    fn detach_all(&mut self) {
-        let count = self.attached.len();
-        for (ifindex, was) in self.attached.drain() {
-            self.datapath.detach(ifindex);
-            debug!(ifindex, name = %was.name, mode = %mode_name(was.mode), "detached");
+    /// Swaps this agent's programs into the links inherited from the previous agent, then
+    /// carries over the flows its programs tracked until then (when maps were replaced) and
+    /// removes the maps it used.
+    fn adopt_links(&mut self) {
+        let adopted = self.datapath.adopt_links();
+        let bpffs = self.datapath.bpffs().to_path_buf();
+        let flows = migrate::carry_over_flows(&bpffs, &mut self.datapath.maps);
+        if let Err(error) = migrate::remove_retired(&bpffs) {
+            warn!(
+                error = format!("{error:#}"),
+                "removing the retired maps failed"
+            );
         }
-        info!(interfaces = count, "detached from every interface");
+        if adopted > 0 || flows > 0 {
+            info!(
+                interfaces = adopted,
+                flows_carried_over = flows,
+                "adopted the previous agent's links"
+            );
+        }
+    }
+
+    /// At shutdown: pinned tcx links stay (enforcement goes on); cls_bpf filters are removed.
+    fn release(&mut self) {
+        let clsact = self
+            .attached
+            .values()
+            .filter(|a| a.mode == AttachMode::Clsact)
+            .count();
+        let kept = self.datapath.release();
+        if clsact > 0 {
+            warn!(
+                interfaces = clsact,
+                "cls_bpf filters removed: without tcx (kernel < 6.6) pods are not enforced \
+                 until the next agent attaches"
+            );
+        }
+        if kept > 0 {
+            info!(
+                interfaces = kept,
+                "tcx links stay pinned: enforcement goes on with the current maps until the next \
+             agent adopts them (`npc-agent cleanup` detaches)"
+            );
+        }
     }
 }
 

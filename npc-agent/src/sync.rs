@@ -31,6 +31,8 @@ pub struct PolicySync {
     names: watch::Sender<Arc<Names>>,
     /// Whether the names file was written since the agent started.
     published: bool,
+    /// Whether `identities` holds the numbering of the adopted maps (done at the first sync).
+    numbering_adopted: bool,
     metrics: Metrics,
 }
 
@@ -49,8 +51,15 @@ impl PolicySync {
             state_dir,
             names: watch::Sender::new(Arc::new(Names::default())),
             published: false,
+            numbering_adopted: false,
             metrics,
         })
+    }
+
+    /// Makes the next sync re-check every flow tracked before this agent started (the datapath's
+    /// verdict-changing switches changed, see `Datapath::recheck_flows`).
+    pub fn recheck_all_flows(&mut self) {
+        self.reconciler.recheck_all();
     }
 
     /// Whether a sync succeeded since the agent started.
@@ -80,6 +89,19 @@ impl PolicySync {
         let node_ips = node_addresses()
             .await
             .context("reading the node's addresses")?;
+        if !self.numbering_adopted {
+            // Keep the identity numbers the maps hold (left by the previous agent).
+            let realized = self.reconciler.realized();
+            if !realized.endpoints.is_empty() || !realized.cidrs.is_empty() {
+                let endpoints = realized
+                    .endpoints
+                    .iter()
+                    .map(|(ip, e)| (*ip, e.identity))
+                    .collect();
+                self.identities = Identities::adopt(state, &node_ips, &endpoints, &realized.cidrs);
+            }
+            self.numbering_adopted = true;
+        }
         let desired = compile_on_node(state, &node_ips, &mut self.identities);
         let veths = self.learn_veths().await;
         let stats = self.reconciler.apply(maps, &desired, &veths)?;

@@ -24,6 +24,10 @@ pub use fragment::*;
 pub use policy::*;
 
 /// Names of the maps, as declared in the eBPF object and as pinned under the agent's bpffs dir.
+///
+/// A name is also its map's layout tag: when what a map's key or value bytes mean changes, give
+/// it a new name (`conntrack_v2`), so that an upgraded agent never reuses a map pinned by an
+/// older one with another layout (see the agent's `dataplane::migrate`).
 pub mod map_names {
     pub const ENDPOINTS: &str = "endpoints";
     pub const INTERFACES: &str = "interfaces";

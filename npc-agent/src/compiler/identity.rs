@@ -75,6 +75,23 @@ impl<K: Clone + Eq + Hash + Ord> Interner<K> {
         out
     }
 
+    /// Gives `key` the number `n` (an agent adopting the numbers its predecessor wrote to the
+    /// maps), and moves the counter past `n`. The caller keeps numbers unique.
+    pub(super) fn seed(&mut self, key: K, n: u32) {
+        self.numbers.insert(key, (n, self.generation));
+        self.reserve_below(n.saturating_add(1));
+    }
+
+    /// Never hands out a fresh number below `n` (numbers the maps may still hold).
+    pub(super) fn reserve_below(&mut self, n: u32) {
+        self.next = self.next.max(n.min(self.end));
+    }
+
+    /// Every key with its number.
+    pub(super) fn numbered(&self) -> impl Iterator<Item = (&K, u32)> {
+        self.numbers.iter().map(|(k, (n, _))| (k, *n))
+    }
+
     fn alloc(&mut self) -> Option<u32> {
         if self.next < self.end {
             let n = self.next;

@@ -78,6 +78,75 @@ impl Default for Identities {
     }
 }
 
+impl Identities {
+    /// The numbering a restarted agent starts from: the identities of `state` keep the numbers
+    /// the maps already hold (`endpoints`: address -> pod identity, `cidrs`: prefix -> CIDR
+    /// identity, as the previous agent wrote them), so the first sync rewrites nothing that did
+    /// not change. A fresh numbering could give a number another meaning while the maps still
+    /// use the old one, and the transient mix could allow what neither state allows.
+    ///
+    /// Each identity takes the number most of its addresses (prefixes) hold, each number goes
+    /// to one identity; the others get fresh numbers above every number the maps hold. Rule
+    /// cookies are not adopted: they change no verdict.
+    pub fn adopt(
+        state: &ClusterState,
+        node_ips: &[IpAddr],
+        endpoints: &BTreeMap<IpAddr, u32>,
+        cidrs: &BTreeMap<(IpAddr, u8), u32>,
+    ) -> Identities {
+        let mut scratch = Identities::default();
+        let fresh = compile_on_node(state, node_ips, &mut scratch);
+        let pod_range = IDENTITY_FIRST_POD..IDENTITY_FIRST_CIDR;
+        let cidr_range = IDENTITY_FIRST_CIDR..u32::MAX;
+        let mut ids = Identities::default();
+        let pod_pairs = fresh.endpoints.iter().filter_map(|(ip, e)| {
+            let held = *endpoints.get(ip)?;
+            (pod_range.contains(&e.identity) && pod_range.contains(&held))
+                .then_some((e.identity, held))
+        });
+        seed(&mut ids.pods, &scratch.pods, pod_pairs);
+        let cidr_pairs = fresh.cidrs.iter().filter_map(|(prefix, &id)| {
+            let held = *cidrs.get(prefix)?;
+            (cidr_range.contains(&id) && cidr_range.contains(&held)).then_some((id, held))
+        });
+        seed(&mut ids.cidrs, &scratch.cidrs, cidr_pairs);
+        if let Some(max) = endpoints.values().filter(|n| pod_range.contains(n)).max() {
+            ids.pods.reserve_below(max + 1);
+        }
+        if let Some(max) = cidrs.values().filter(|n| cidr_range.contains(n)).max() {
+            ids.cidrs.reserve_below(max.saturating_add(1));
+        }
+        ids
+    }
+}
+
+/// Seeds `into` with the keys of `scratch`, each numbered as most of its `(scratch number, held
+/// number)` pairs say; a held number goes to one key only (most votes first, ties by number).
+fn seed<K: Clone + Eq + std::hash::Hash + Ord>(
+    into: &mut Interner<K>,
+    scratch: &Interner<K>,
+    pairs: impl Iterator<Item = (u32, u32)>,
+) {
+    let mut votes: HashMap<(u32, u32), usize> = HashMap::new();
+    for pair in pairs {
+        *votes.entry(pair).or_default() += 1;
+    }
+    let mut ranked: Vec<((u32, u32), usize)> = votes.into_iter().collect();
+    ranked.sort_by(|(a, va), (b, vb)| vb.cmp(va).then(a.cmp(b)));
+    let keys: HashMap<u32, &K> = scratch.numbered().map(|(k, n)| (n, k)).collect();
+    let (mut taken_keys, mut taken_numbers) = (BTreeSet::new(), BTreeSet::new());
+    for ((fresh, held), _) in ranked {
+        if taken_keys.contains(&fresh) || taken_numbers.contains(&held) {
+            continue;
+        }
+        if let Some(key) = keys.get(&fresh) {
+            into.seed((*key).clone(), held);
+            taken_keys.insert(fresh);
+            taken_numbers.insert(held);
+        }
+    }
+}
+
 /// One endpoint as the `endpoints` map wants it (the reconciler adds ifindex and generation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DesiredEndpoint {

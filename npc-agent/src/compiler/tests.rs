@@ -1881,3 +1881,101 @@ fn cidr_identities_name_their_blocks() {
         assert!(d.cidrs.values().any(|v| v == id), "{id} is used");
     }
 }
+
+/// A restarted agent numbers identities as the maps its predecessor wrote do, whatever order the
+/// predecessor learned them in; identities that changed while no agent ran get numbers the maps
+/// do not hold.
+#[test]
+fn a_restarted_agent_keeps_the_numbers_in_the_maps() {
+    let policies = vec![
+        policy("x/p", "pod=a").ingress(Some(vec![block("10.0.0.0/16", &["10.0.2.0/24"])]), None),
+        policy("y/q", "pod=b").ingress(Some(vec![block("10.0.3.0/24", &[])]), None),
+    ];
+    let full = e2e().policies(policies.clone());
+    // The predecessor saw namespace z and the second policy first, then the rest.
+    let mut early = e2e().policy(policies[1].clone());
+    early.state.pods.retain(|r, _| r.namespace == "z");
+    let mut history = Identities::default();
+    early.compile_with(&mut history);
+    let held = full.compile_with(&mut history);
+    assert_ne!(
+        held.endpoints,
+        full.compile().endpoints,
+        "the history must number differently than a fresh start, or this test checks nothing"
+    );
+    let endpoints: BTreeMap<IpAddr, u32> = held
+        .endpoints
+        .iter()
+        .map(|(ip, e)| (*ip, e.identity))
+        .collect();
+
+    let mut adopted = Identities::adopt(&full.state, &full.state.node_ips, &endpoints, &held.cidrs);
+    let again = full.compile_with(&mut adopted);
+    assert_eq!(again.endpoints, held.endpoints);
+    assert_eq!(again.cidrs, held.cidrs);
+    assert_eq!(again.identities, held.identities);
+    let entries = |d: &Desired| d.policy.keys().copied().collect::<BTreeSet<_>>();
+    assert_eq!(entries(&again), entries(&held), "the same policy entries");
+
+    // While no agent ran, x/b was relabelled, and x/c got y/c's labels in namespace y's place
+    // (a new pod there): x/b alone held its number and keeps it (its one identity changed, as a
+    // relabel changes it: the policy entries follow); the new y/d shares y/c's key and number.
+    let mut changed = full.clone();
+    for (r, p) in changed.state.pods.iter_mut() {
+        if r.namespace == "x" && r.name == "b" {
+            p.labels = labels("pod=new");
+        }
+    }
+    changed = changed.pod(pod("y/d", "pod=c", "10.0.2.4").ports(serve_ports()));
+    let mut adopted = Identities::adopt(
+        &changed.state,
+        &changed.state.node_ips,
+        &endpoints,
+        &held.cidrs,
+    );
+    let after = changed.compile_with(&mut adopted);
+    let ip_b = addr(&full.state, "x/b");
+    assert_eq!(
+        after.endpoints[&ip_b].identity,
+        held.endpoints[&ip_b].identity
+    );
+    let ip_yc = addr(&full.state, "y/c");
+    assert_eq!(
+        after.endpoints[&addr(&changed.state, "y/d")].identity,
+        held.endpoints[&ip_yc].identity
+    );
+    for who in ["x/a", "y/b", "z/c"] {
+        let ip = addr(&full.state, who);
+        assert_eq!(
+            after.endpoints[&ip], held.endpoints[&ip],
+            "{who} keeps its number"
+        );
+    }
+
+    // A new identity never takes a number the maps hold: x/b's old number stays with the
+    // replica that kept the old labels, the relabelled replica gets a fresh one.
+    let twins = full
+        .clone()
+        .pod(pod("x/b2", "pod=b", "10.0.1.5").ports(serve_ports()));
+    let mut history = Identities::default();
+    let held = twins.compile_with(&mut history);
+    let endpoints: BTreeMap<IpAddr, u32> = held
+        .endpoints
+        .iter()
+        .map(|(ip, e)| (*ip, e.identity))
+        .collect();
+    let mut split = twins.clone();
+    for (r, p) in split.state.pods.iter_mut() {
+        if r.namespace == "x" && r.name == "b2" {
+            p.labels = labels("pod=new");
+        }
+    }
+    // Two addresses each (v4 and v6) for x/b, one for x/b2: the old labels win the number.
+    let mut adopted =
+        Identities::adopt(&split.state, &split.state.node_ips, &endpoints, &held.cidrs);
+    let after = split.compile_with(&mut adopted);
+    let ip_b2 = addr(&split.state, "x/b2");
+    let max_held = endpoints.values().max().copied().unwrap();
+    assert!(after.endpoints[&ip_b2].identity > max_held, "fresh number");
+    assert_eq!(after.endpoints[&ip_b], held.endpoints[&ip_b]);
+}
