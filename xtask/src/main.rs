@@ -28,8 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what building and testing need (apt packages, pinned toolchain, bpf-linker); only
-    /// what is missing.
+    /// Install what building and testing need (apt packages, pinned toolchain, bpf-linker, a
+    /// kubectl with kustomize for the deploy/ render test); only what is missing.
     Setup,
     /// Setup, then fmt check, clippy and the workspace tests (release). Needs root.
     Test(test::Args),

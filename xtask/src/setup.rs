@@ -31,6 +31,7 @@ pub fn run() -> anyhow::Result<()> {
     step("apt packages", apt)?;
     step("rust toolchain", toolchain)?;
     step("bpf-linker", bpf_linker)?;
+    step("kubectl", kubectl)?;
     Ok(())
 }
 
@@ -51,6 +52,12 @@ fn apt(name: &str) -> anyhow::Result<String> {
     if missing.is_empty() {
         return Ok("already present".into());
     }
+    apt_install(name, &missing)?;
+    Ok(format!("installed {}", missing.join(" ")))
+}
+
+/// `apt-get update`, then `apt-get install` of `missing` (as root).
+fn apt_install(name: &str, missing: &[String]) -> anyhow::Result<()> {
     if !util::is_root() {
         bail!(
             "missing apt packages: {}; run `cargo xtask setup` as root, or install them with \
@@ -69,10 +76,36 @@ fn apt(name: &str) -> anyhow::Result<String> {
     util::run(
         Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
+            .args(missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
-    Ok(format!("installed {}", missing.join(" ")))
+    )
+}
+
+/// Debian's kubectl (1.20.2, with kustomize v2.0.3 built in).
+const KUBECTL_PACKAGE: &str = "kubernetes-client";
+
+/// kubectl with kustomize, which `npc-agent/tests/deploy.rs` renders `deploy/` with (the one in
+/// `KUBECTL`, else `kubectl` on PATH, as the test picks it). Debian's is installed only when
+/// there is no kubectl at all: its /usr/bin/kubectl conflicts with other kubectl packages, and
+/// any kubectl from 1.14 on has kustomize.
+fn kubectl(name: &str) -> anyhow::Result<String> {
+    let program = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    let kustomize = || util::output(Command::new(&program).args(["kustomize", "--help"]));
+    match kustomize()? {
+        Some(out) if out.status.success() => return Ok(format!("{program} already present")),
+        Some(out) => bail!(
+            "`{program} kustomize --help` failed ({}): this kubectl has no kustomize; use \
+             kubectl >= 1.14, or point KUBECTL at one",
+            out.status
+        ),
+        None if program != "kubectl" => bail!("KUBECTL={program}: no such program"),
+        None => {}
+    }
+    apt_install(name, &[KUBECTL_PACKAGE.to_string()])?;
+    match kustomize()? {
+        Some(out) if out.status.success() => Ok(format!("installed {KUBECTL_PACKAGE}")),
+        _ => bail!("installed {KUBECTL_PACKAGE}, but `kubectl kustomize --help` does not work"),
+    }
 }
 
 /// The `[toolchain]` of rust-toolchain.toml, the single place the channel is written down.

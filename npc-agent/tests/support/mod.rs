@@ -144,11 +144,34 @@ impl Agent {
         args: &[&str],
         env: &[(&str, &std::ffi::OsStr)],
     ) -> Agent {
+        Agent::spawn_wrapped(lab, enter, bpffs, owns_bpffs, args, env, &[])
+    }
+
+    /// [`Agent::spawn_env`] with the agent's command line after `wrapper` (e.g. `setpriv ...
+    /// --`), which must exec the agent so that the child's pid is the agent's.
+    pub fn spawn_wrapped(
+        lab: &Lab,
+        enter: Enter,
+        bpffs: PathBuf,
+        owns_bpffs: bool,
+        args: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+        wrapper: &[&str],
+    ) -> Agent {
         let mut cmd = match enter {
-            Enter::Netns => Command::new(AGENT),
+            Enter::Netns => match wrapper.split_first() {
+                None => Command::new(AGENT),
+                Some((program, rest)) => {
+                    let mut cmd = Command::new(program);
+                    cmd.args(rest).arg(AGENT);
+                    cmd
+                }
+            },
             Enter::IpNetnsExec => {
                 let mut cmd = Command::new("ip");
-                cmd.args(["netns", "exec", lab.node_netns(), AGENT]);
+                cmd.args(["netns", "exec", lab.node_netns()])
+                    .args(wrapper)
+                    .arg(AGENT);
                 cmd
             }
         };
