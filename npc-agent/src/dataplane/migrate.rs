@@ -159,8 +159,7 @@ pub fn remove_retired(bpffs: &Path) -> Result<()> {
         let is_file = entry.file_type().is_ok_and(|t| t.is_file());
         if is_file && !map_names::ALL.contains(&name.as_str()) {
             let path = entry.path();
-            std::fs::remove_file(&path)
-                .with_context(|| format!("removing {}", path.display()))?;
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
             info!(pin = %path.display(), "pin of a map this agent does not have removed");
         }
     }
