@@ -846,6 +846,28 @@ fn wait_200(lab: &Lab, agent: &Agent, port: u16, path: &str) -> String {
     }
 }
 
+/// The agent in `k`'s lab with container `c`'s arguments (see [`lab_args`]) and literal
+/// environment, its command after `wrapper`. Enter::Netns: the host's /sys/fs/bpf is a bpffs,
+/// as the DaemonSet's volume gives it.
+fn spawn_as_in_daemonset(k: &LabCluster, c: &Container, wrapper: &[&str]) -> Agent {
+    let args = lab_args(c, k.manifests.path());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let env = literal_env(c);
+    let env: Vec<(&str, &std::ffi::OsStr)> = env
+        .iter()
+        .map(|(k, v)| (k.as_str(), std::ffi::OsStr::new(v)))
+        .collect();
+    Agent::spawn_wrapped(
+        &k.lab,
+        Enter::Netns,
+        unique_bpffs(),
+        true,
+        &args,
+        &env,
+        wrapper,
+    )
+}
+
 /// The agent started with the DaemonSet's arguments, port and environment answers the
 /// DaemonSet's startup, liveness and readiness probes with 200 (readiness once ready), and
 /// serves the annotated metrics path on the annotated port.
@@ -854,14 +876,7 @@ fn probes_answer_on_the_daemonsets_port() {
     let ds = agent_daemonset();
     let c = container(&ds);
     let k = lab_cluster("probes");
-    let args = lab_args(c, k.manifests.path());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let env = literal_env(c);
-    let env: Vec<(&str, &std::ffi::OsStr)> = env
-        .iter()
-        .map(|(k, v)| (k.as_str(), std::ffi::OsStr::new(v)))
-        .collect();
-    let agent = Agent::spawn_env(&k.lab, Enter::Netns, unique_bpffs(), true, &args, &env);
+    let agent = spawn_as_in_daemonset(&k, c, &[]);
 
     let (ready_path, ready_port) = http_probe(c, c.readiness_probe.as_ref(), "readiness");
     let body = wait_200(&k.lab, &agent, ready_port, &ready_path);
@@ -951,25 +966,9 @@ fn agent_enforces_with_only_the_daemonsets_capabilities() {
     let c = container(&ds);
     let caps = added_capabilities(c);
     let k = lab_cluster("caps");
-    let args = lab_args(c, k.manifests.path());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let env = literal_env(c);
-    let env: Vec<(&str, &std::ffi::OsStr)> = env
-        .iter()
-        .map(|(k, v)| (k.as_str(), std::ffi::OsStr::new(v)))
-        .collect();
     let wrapper = setpriv(c, &caps);
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-    // Enter::Netns: the host's /sys/fs/bpf is a bpffs, as the DaemonSet's volume gives it.
-    let mut agent = Agent::spawn_wrapped(
-        &k.lab,
-        Enter::Netns,
-        unique_bpffs(),
-        true,
-        &args,
-        &env,
-        &wrapper,
-    );
+    let mut agent = spawn_as_in_daemonset(&k, c, &wrapper);
     agent.wait_for("the agent to start", |l| l.contains("starting"));
 
     // The process has exactly these capabilities, and no_new_privs.

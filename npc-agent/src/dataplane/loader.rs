@@ -310,7 +310,7 @@ impl Datapath {
                 }
             }
         }
-        Ok([pinned[0].clone(), pinned[1].clone()])
+        Ok(pinned.try_into().expect("one pin per hook"))
     }
 
     fn attach_with(
@@ -350,12 +350,7 @@ impl Datapath {
     /// inherited link. Call once this agent's maps hold the full state. Returns how many
     /// interfaces were adopted; an interface whose link vanished meanwhile is dropped (logged).
     pub fn adopt_links(&mut self) -> usize {
-        let inherited: Vec<u32> = self
-            .attached
-            .iter()
-            .filter(|(_, a)| matches!(a, Attachment::Inherited(_)))
-            .map(|(i, _)| *i)
-            .collect();
+        let inherited = self.interfaces_where(|a| matches!(a, Attachment::Inherited(_)));
         let mut adopted = 0;
         for ifindex in inherited {
             let Some(Attachment::Inherited(links)) = self.attached.remove(&ifindex) else {
@@ -408,7 +403,7 @@ impl Datapath {
             // Otherwise the pin holds the link; closing this descriptor keeps it attached.
             paths.push(path);
         }
-        Ok([paths[0].clone(), paths[1].clone()])
+        Ok(paths.try_into().expect("one pin per hook"))
     }
 
     /// Detaches from an interface (a no-op when the interface is gone: its links went with it):
@@ -443,16 +438,19 @@ impl Datapath {
     /// do: a later agent could not adopt them); pinned tcx links stay. Returns how many
     /// interfaces keep their pinned links.
     pub fn release(&mut self) -> usize {
-        let clsact: Vec<u32> = self
-            .attached
-            .iter()
-            .filter(|(_, a)| matches!(a, Attachment::Clsact(_)))
-            .map(|(i, _)| *i)
-            .collect();
+        let clsact = self.interfaces_where(|a| matches!(a, Attachment::Clsact(_)));
         for ifindex in clsact {
             self.detach(ifindex);
         }
         self.attached.len()
+    }
+
+    fn interfaces_where(&self, pred: impl Fn(&Attachment) -> bool) -> Vec<u32> {
+        self.attached
+            .iter()
+            .filter(|(_, a)| pred(a))
+            .map(|(i, _)| *i)
+            .collect()
     }
 
     pub fn attached(&self) -> impl Iterator<Item = (u32, AttachMode)> + '_ {

@@ -195,16 +195,16 @@ fn exists(error: &MapError) -> bool {
     matches!(error, MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::EEXIST))
 }
 
-fn copy_hash<K: Pod, V: Pod>(
-    from: Map,
-    to: &mut HashMap<MapData, K, V>,
-    flags: u64,
+/// Writes `entries` with `insert`, skipping keys that exist (with `NOEXIST`); returns how
+/// many were written.
+fn copy_entries<K, V>(
+    entries: impl Iterator<Item = Result<(K, V), MapError>>,
+    mut insert: impl FnMut(&K, V) -> Result<(), MapError>,
 ) -> Result<usize> {
-    let from: HashMap<MapData, K, V> = from.try_into().context("its layout changed")?;
     let mut n = 0;
-    for entry in from.iter() {
+    for entry in entries {
         let (k, v) = entry.context("reading an entry")?;
-        match to.insert(&k, &v, flags) {
+        match insert(&k, v) {
             Ok(()) => n += 1,
             Err(e) if exists(&e) => {}
             Err(e) => return Err(e).context("writing an entry"),
@@ -213,22 +213,22 @@ fn copy_hash<K: Pod, V: Pod>(
     Ok(n)
 }
 
+fn copy_hash<K: Pod, V: Pod>(
+    from: Map,
+    to: &mut HashMap<MapData, K, V>,
+    flags: u64,
+) -> Result<usize> {
+    let from: HashMap<MapData, K, V> = from.try_into().context("its layout changed")?;
+    copy_entries(from.iter(), |k, v| to.insert(k, &v, flags))
+}
+
 fn copy_lpm<K: Pod, V: Pod>(
     from: Map,
     to: &mut LpmTrie<MapData, K, V>,
     flags: u64,
 ) -> Result<usize> {
     let from: LpmTrie<MapData, K, V> = from.try_into().context("its layout changed")?;
-    let mut n = 0;
-    for entry in from.iter() {
-        let (k, v) = entry.context("reading an entry")?;
-        match to.insert(&k, &v, flags) {
-            Ok(()) => n += 1,
-            Err(e) if exists(&e) => {}
-            Err(e) => return Err(e).context("writing an entry"),
-        }
-    }
-    Ok(n)
+    copy_entries(from.iter(), |k, v| to.insert(k, &v, flags))
 }
 
 fn copy_per_cpu_array<V: Pod>(from: Map, to: &mut PerCpuArray<MapData, V>) -> Result<usize> {
@@ -247,14 +247,5 @@ fn copy_per_cpu_hash<K: Pod, V: Pod>(
     flags: u64,
 ) -> Result<usize> {
     let from: PerCpuHashMap<MapData, K, V> = from.try_into().context("its layout changed")?;
-    let mut n = 0;
-    for entry in from.iter() {
-        let (k, values) = entry.context("reading an entry")?;
-        match to.insert(&k, values, flags) {
-            Ok(()) => n += 1,
-            Err(e) if exists(&e) => {}
-            Err(e) => return Err(e).context("writing an entry"),
-        }
-    }
-    Ok(n)
+    copy_entries(from.iter(), |k, values| to.insert(k, values, flags))
 }
