@@ -1,203 +1,83 @@
-//! `npc-bench`: datapath cost per packet through BPF_PROG_TEST_RUN, next to an empty TC program
-//! loaded in the same run. Scenarios are interleaved round by round (A B C ... A B C ...) so
-//! drift on a shared machine hits them alike; medians with min and max are reported.
-//! Run it through `cargo xtask bench` (root).
-use std::{net::IpAddr, time::Instant};
-
+//! `npc-bench`: the benchmarks of `cargo xtask bench` (root). Three parts, each runnable alone:
+//! `datapath` (cost per packet, BPF_PROG_TEST_RUN), `control` (compile and map-write times,
+//! change latency, memory), `traffic` (real TCP between network namespaces, npc next to no
+//! enforcement and iptables). Every figure is a median with its spread over interleaved rounds;
+//! nothing here asserts a time.
 use anyhow::{Context as _, Result, bail};
-use npc_agent::dataplane::PortMatch;
-use npc_common::{
-    Config, Direction::*, ENDPOINT_INGRESS_ISOLATED, ENDPOINT_LOCAL, EndpointInfo, IDENTITY_ANY,
-    IDENTITY_FIRST_CIDR, ipproto,
-};
-use npc_tests::{
-    datapath::{TestDatapath, ip},
-    packets::*,
-};
 
-mod compile;
+mod control;
+mod datapath;
 mod empty;
+mod stats;
+mod traffic;
 
-struct Args {
-    rounds: usize,
-    repeat: u32,
-    /// Which benchmarks: `datapath`, `compile`, or both (none named).
-    only: Option<String>,
+/// What to run and how long.
+pub struct Args {
+    /// A short run, as a smoke check.
+    pub quick: bool,
+    /// Interleaved rounds per scenario.
+    pub rounds: usize,
+    /// Runs per BPF_PROG_TEST_RUN call.
+    pub repeat: u32,
+    /// Which parts: `datapath`, `control`, `traffic` (all when none is named).
+    pub parts: Vec<String>,
 }
+
+const PARTS: [&str; 3] = ["datapath", "control", "traffic"];
 
 fn args() -> Result<Args> {
     let mut a = Args {
+        quick: false,
         rounds: 15,
         repeat: 200_000,
-        only: None,
+        parts: Vec::new(),
     };
+    let mut rounds = None;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
-            "--quick" => {
-                a.rounds = 3;
-                a.repeat = 20_000;
-            }
-            "--rounds" => a.rounds = it.next().context("--rounds N")?.parse()?,
+            "--quick" => a.quick = true,
+            "--rounds" => rounds = Some(it.next().context("--rounds N")?.parse()?),
             "--repeat" => a.repeat = it.next().context("--repeat N")?.parse()?,
-            "datapath" | "compile" => a.only = Some(arg),
+            part if PARTS.contains(&part) => a.parts.push(arg),
             other => bail!(
-                "unknown argument {other} (use [datapath|compile] --quick, --rounds N, --repeat N)"
+                "unknown argument {other} (use [datapath] [control] [traffic] [--quick] \
+                 [--rounds N] [--repeat N])"
             ),
         }
+    }
+    if a.quick {
+        a.rounds = 3;
+        a.repeat = 20_000;
+    }
+    if let Some(r) = rounds {
+        a.rounds = r;
+    }
+    if a.parts.is_empty() {
+        a.parts = PARTS.iter().map(|p| p.to_string()).collect();
     }
     Ok(a)
 }
 
-fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
-}
-
 fn main() -> Result<()> {
     let args = args()?;
-    if args.only.as_deref() != Some("datapath") {
-        compile::run(args.rounds.min(10))?;
+    println!(
+        "npc-bench: {} (shared {}-core machine, kernel {}: expect +-20% between runs; compare \
+         ratios within one run)",
+        args.parts.join(", "),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    );
+    for part in &args.parts {
         println!();
-    }
-    if args.only.as_deref() == Some("compile") {
-        return Ok(());
-    }
-    datapath(&args)
-}
-
-fn datapath(args: &Args) -> Result<()> {
-    let empty = empty::EmptyProgram::load()?;
-
-    // A client A and an ingress-isolated server B that accepts A on TCP 80, plus
-    // `extra` filler identities with policy entries, endpoints and CIDRs so lookups run in
-    // populated maps.
-    let mut t = TestDatapath::new(Config {
-        events_per_sec: 100,
-        ..Config::default()
-    });
-    let (a, b, a6, b6) = (ip("10.0.1.1"), ip("10.0.1.2"), ip("fd00::1"), ip("fd00::2"));
-    for (addr, id, flags) in [
-        (a, 256, 0),
-        (a6, 256, 0),
-        (b, 257, ENDPOINT_INGRESS_ISOLATED),
-        (b6, 257, ENDPOINT_INGRESS_ISOLATED),
-    ] {
-        let info = EndpointInfo {
-            identity: id,
-            flags: ENDPOINT_LOCAL | flags,
-            ifindex: 0,
-            generation: 1,
-        };
-        t.dp.maps.set_endpoint(addr, info)?;
-    }
-    let tcp80 = PortMatch::Range {
-        protocol: ipproto::TCP,
-        port: 80,
-        end_port: 80,
-    };
-    t.dp.maps.allow(257, 256, Ingress, tcp80, 1)?;
-    let fill = 10_000u32;
-    for i in 0..fill {
-        let id = 1000 + i;
-        let addr = IpAddr::V4(std::net::Ipv4Addr::from(0x0a64_0000 + i));
-        t.dp.maps.set_endpoint(
-            addr,
-            EndpointInfo {
-                identity: id,
-                flags: 0,
-                ifindex: 0,
-                generation: 1,
-            },
-        )?;
-        t.dp.maps.allow(
-            257,
-            id,
-            Ingress,
-            PortMatch::Range {
-                protocol: ipproto::TCP,
-                port: 1000,
-                end_port: 1099,
-            },
-            2,
-        )?;
-        t.dp.maps.set_cidr(
-            IpAddr::V4(std::net::Ipv4Addr::from(0xc000_0000 + (i << 8))),
-            24,
-            IDENTITY_FIRST_CIDR + i,
-        )?;
-    }
-    t.dp.maps.allow(
-        257,
-        IDENTITY_ANY,
-        Ingress,
-        PortMatch::Range {
-            protocol: ipproto::UDP,
-            port: 53,
-            end_port: 53,
-        },
-        3,
-    )?;
-
-    // Established flows (conntrack hits), v4 and v6.
-    let est4 = tcp(a, 40000, b, 80, ACK);
-    let est6 = tcp(a6, 40000, b6, 80, ACK);
-    for syn in [tcp(a, 40000, b, 80, SYN), tcp(a6, 40000, b6, 80, SYN)] {
-        t.run(Ingress, &syn);
-    }
-    // A denied new flow: the full lookup chain (pod identity, CIDR, ANY), counters, event check.
-    let denied = tcp(a, 40000, b, 8080, SYN);
-
-    let scenarios = [
-        "empty TC program",
-        "established v4 (conntrack hit)",
-        "established v6 (conntrack hit)",
-        "new flow denied (3 policy lookups)",
-    ];
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); scenarios.len() + 1];
-    let mut next_port = 1u16;
-    let start = Instant::now();
-    for _ in 0..args.rounds {
-        samples[0].push(empty.time(&est4, args.repeat));
-        samples[1].push(t.time(Ingress, &est4, args.repeat));
-        samples[2].push(t.time(Ingress, &est6, args.repeat));
-        samples[3].push(t.time(Ingress, &denied, args.repeat));
-        // New flows allowed, with their conntrack insert: distinct packets, one run each.
-        let mut total = 0.0;
-        let n = 2000;
-        for _ in 0..n {
-            next_port = next_port.wrapping_add(1).max(1);
-            total += t.time(Ingress, &tcp(a, next_port, b, 80, SYN), 1);
-        }
-        samples[scenarios.len()].push(total / f64::from(n));
-        // Forget them so every round inserts into a table of the same size.
-        t.dp.maps.gc_conntrack(u64::MAX)?;
-        for syn in [tcp(a, 40000, b, 80, SYN), tcp(a6, 40000, b6, 80, SYN)] {
-            t.run(Ingress, &syn);
+        match part.as_str() {
+            "datapath" => datapath::run(&args)?,
+            "control" => control::run(&args)?,
+            "traffic" => traffic::run(&args)?,
+            _ => unreachable!(),
         }
     }
-    let names: Vec<&str> = scenarios
-        .iter()
-        .copied()
-        .chain(["new flow allowed (+conntrack insert, repeat=1)"])
-        .collect();
-    let (empty_median, _, _) = stats(samples[0].clone());
-    println!(
-        "datapath, BPF_PROG_TEST_RUN, {} rounds x {} repeats, {} filler identities/endpoints/CIDRs",
-        args.rounds, args.repeat, fill
-    );
-    println!("(shared 2-core machine: expect +-20% between runs)");
-    println!(
-        "{:<48} {:>9} {:>9} {:>9} {:>8}",
-        "scenario", "median ns", "min", "max", "x empty"
-    );
-    for (name, s) in names.iter().zip(samples) {
-        let (median, min, max) = stats(s);
-        println!(
-            "{name:<48} {median:>9.1} {min:>9.1} {max:>9.1} {:>8.2}",
-            median / empty_median
-        );
-    }
-    println!("took {:.1}s", start.elapsed().as_secs_f64());
     Ok(())
 }

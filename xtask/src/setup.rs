@@ -40,8 +40,13 @@ fn step(name: &str, f: fn(&str) -> anyhow::Result<String>) -> anyhow::Result<()>
 }
 
 fn apt(name: &str) -> anyhow::Result<String> {
+    ensure_apt(name, &apt_packages())
+}
+
+/// Installs those of `packages` that are missing (apt, as root); says what it did.
+pub fn ensure_apt(name: &str, packages: &[String]) -> anyhow::Result<String> {
     let mut missing = Vec::new();
-    for pkg in apt_packages() {
+    for pkg in packages.iter().cloned() {
         // Exit status 1 and no output for packages dpkg has never heard of: also missing.
         let out = util::output(Command::new("dpkg-query").args(["-W", "-f=${Status}", &pkg]))?
             .context("dpkg-query not found: setup supports Debian (bookworm) only")?;

@@ -190,12 +190,8 @@ fn rss_mib(field: &str) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
-}
-
-pub fn run(rounds: usize) -> Result<()> {
+pub fn run(args: &crate::Args) -> Result<()> {
+    let rounds = args.rounds.min(10);
     println!("control plane: compile of a generated cluster, {rounds} rounds");
     println!(
         "{:<44} {:>9} {:>8} {:>8} {:>10} {:>9} {:>8} {:>9}",
@@ -226,7 +222,7 @@ pub fn run(rounds: usize) -> Result<()> {
                 .values()
                 .filter(|e| e.flags & ENDPOINT_LOCAL != 0)
                 .count();
-            let (med, min, max) = median(times);
+            let (med, min, max) = crate::stats::stats(times);
             let label = format!(
                 "{}/{}/{}, {}",
                 namespaces * pods_per_ns,
