@@ -395,7 +395,8 @@ mod tests {
                 pod_labels: [("app".to_string(), "web".to_string())].into(),
                 namespace_labels: Default::default(),
                 named_ports: Vec::new(),
-            },
+            }
+            .into(),
         );
         let cidr_id = npc_common::IDENTITY_FIRST_CIDR;
         d.cidrs.insert(("10.0.0.0".parse().unwrap(), 8), cidr_id);

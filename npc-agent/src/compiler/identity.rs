@@ -1,9 +1,8 @@
 //! Stable numbers for interned keys (pod identities, CIDR identities, rule cookies) across
 //! compilations.
-use std::{
-    collections::{BTreeSet, HashMap},
-    hash::Hash,
-};
+use std::{collections::BTreeSet, hash::Hash};
+
+use hashbrown::{Equivalent, HashMap};
 
 /// Hands out numbers in `[first, end)` to keys and keeps them for as long as the key is in use.
 ///
@@ -37,6 +36,16 @@ impl<K: Clone + Eq + Hash + Ord> Interner<K> {
     /// order; keys not in `used` are forgotten, and their numbers are released for later calls
     /// (never reused within this one). `None` only when the number space is exhausted.
     pub(super) fn assign(&mut self, used: &[&K]) -> Vec<Option<u32>> {
+        self.assign_with(used, |k| (*k).clone())
+    }
+
+    /// [`Interner::assign`] for keys given in a borrowed form `Q` (hashing, comparing and
+    /// ordering like `K`), so that only new keys are built (`to_key`).
+    pub(super) fn assign_with<Q: Hash + Equivalent<K> + Ord>(
+        &mut self,
+        used: &[&Q],
+        to_key: impl Fn(&Q) -> K,
+    ) -> Vec<Option<u32>> {
         self.generation += 1;
         let generation = self.generation;
         let mut out = vec![None; used.len()];
@@ -62,7 +71,7 @@ impl<K: Clone + Eq + Hash + Ord> Interner<K> {
             previous = Some(i);
             out[i] = self.alloc();
             if let Some(n) = out[i] {
-                self.numbers.insert(used[i].clone(), (n, generation));
+                self.numbers.insert(to_key(used[i]), (n, generation));
             }
         }
         let free = &mut self.free;
@@ -85,6 +94,11 @@ impl<K: Clone + Eq + Hash + Ord> Interner<K> {
     /// Never hands out a fresh number below `n` (numbers the maps may still hold).
     pub(super) fn reserve_below(&mut self, n: u32) {
         self.next = self.next.max(n.min(self.end));
+    }
+
+    /// The interned key equal to `key`.
+    pub(super) fn key<Q: Hash + Equivalent<K>>(&self, key: &Q) -> Option<&K> {
+        self.numbers.get_key_value(key).map(|(k, _)| k)
     }
 
     /// Every key with its number.

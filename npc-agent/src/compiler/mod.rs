@@ -18,9 +18,12 @@
 //!   the numbers of known keys: the same history of inputs gives the same output.
 use std::{
     borrow::Cow,
-    collections::{BTreeMap, BTreeSet, HashMap, btree_map::Entry},
+    collections::{BTreeMap, BTreeSet, btree_map::Entry},
     net::IpAddr,
+    sync::Arc,
 };
+
+use hashbrown::{Equivalent, HashMap};
 
 use npc_common::{
     Direction, ENDPOINT_AUDIT, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, ENDPOINT_LOCAL,
@@ -55,6 +58,36 @@ pub struct IdentityKey {
     pub named_ports: Vec<NamedPort>,
 }
 
+/// An [`IdentityKey`] borrowed from the cluster state: hashes, compares and orders like the key
+/// (same fields, same order), so known identities are found without building their key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct IdentityKeyRef<'a> {
+    namespace: &'a str,
+    pod_labels: &'a Labels,
+    namespace_labels: &'a Labels,
+    named_ports: &'a [NamedPort],
+}
+
+impl Equivalent<Arc<IdentityKey>> for IdentityKeyRef<'_> {
+    fn equivalent(&self, key: &Arc<IdentityKey>) -> bool {
+        self.namespace == key.namespace
+            && *self.pod_labels == key.pod_labels
+            && *self.namespace_labels == key.namespace_labels
+            && *self.named_ports == *key.named_ports
+    }
+}
+
+impl IdentityKeyRef<'_> {
+    fn to_key(self) -> Arc<IdentityKey> {
+        Arc::new(IdentityKey {
+            namespace: self.namespace.to_string(),
+            pod_labels: self.pod_labels.clone(),
+            namespace_labels: self.namespace_labels.clone(),
+            named_ports: self.named_ports.to_vec(),
+        })
+    }
+}
+
 /// Identity numbers that stay the same from one compilation to the next, so that an unchanged
 /// pod keeps its identity and only real changes reach the maps. Owned by the caller and passed
 /// to every `compile`; identities no longer used are released by `compile`.
@@ -63,7 +96,8 @@ pub struct IdentityKey {
 /// change does not renumber them and rewrite the whole `cidrs` and `policy` maps.
 #[derive(Clone, Debug)]
 pub struct Identities {
-    pods: Interner<IdentityKey>,
+    /// Shared with `Desired::identities` (one copy of each key).
+    pods: Interner<Arc<IdentityKey>>,
     cidrs: Interner<CidrKey>,
     rules: Interner<RuleRef>,
 }
@@ -186,7 +220,7 @@ pub struct Desired {
     /// Rule cookies -> the rule (cookie 0 is never used).
     pub rules: BTreeMap<u32, RuleRef>,
     /// Pod identities in use -> what they stand for.
-    pub identities: BTreeMap<u32, IdentityKey>,
+    pub identities: BTreeMap<u32, Arc<IdentityKey>>,
     /// For each local pod identity and direction it is isolated in: the policies that select it
     /// (isolate it) in that direction, for deny logs.
     pub isolating: BTreeMap<(u32, Direction), BTreeSet<ObjectRef>>,
@@ -377,6 +411,8 @@ pub fn compile_on_node(state: &ClusterState, node_ips: &[IpAddr], ids: &mut Iden
             }
         }
     }
+    // It borrows `cidrs` (hashbrown's maps are dropped with the scope, unlike std's).
+    drop(resolver);
     // Several rules may allow the same entry: the smallest cookie names it.
     entries.sort_unstable();
     entries.dedup_by_key(|e| e.0);
@@ -409,7 +445,13 @@ fn namespace_labels(state: &ClusterState) -> HashMap<&str, Cow<'_, Labels>> {
         .iter()
         .map(|(name, ns)| (name.as_str(), Cow::Borrowed(&ns.labels)))
         .collect();
+    let mut previous = None;
     for pod in state.pods.keys() {
+        // Pods are sorted by namespace: look each one up once.
+        if previous == Some(pod.namespace.as_str()) {
+            continue;
+        }
+        previous = Some(pod.namespace.as_str());
         labels.entry(pod.namespace.as_str()).or_insert_with(|| {
             Cow::Owned(Labels::from([(
                 NAMESPACE_NAME_LABEL.to_string(),
@@ -424,8 +466,8 @@ fn namespace_labels(state: &ClusterState) -> HashMap<&str, Cow<'_, Labels>> {
 fn group_pods<'a>(
     state: &'a ClusterState,
     ns_labels: &HashMap<&str, Cow<'_, Labels>>,
-    interner: &mut Interner<IdentityKey>,
-) -> (Vec<Group<'a>>, Vec<IdentityKey>, Vec<Member<'a>>) {
+    interner: &mut Interner<Arc<IdentityKey>>,
+) -> (Vec<Group<'a>>, Vec<Arc<IdentityKey>>, Vec<Member<'a>>) {
     let mut index: HashMap<(&str, &Labels, &[NamedPort]), usize> = HashMap::new();
     let mut groups = Vec::new();
     let mut members = Vec::new();
@@ -455,19 +497,24 @@ fn group_pods<'a>(
             group: g,
         });
     }
-    let keys: Vec<IdentityKey> = groups
+    let no_labels = Labels::new();
+    let refs: Vec<IdentityKeyRef> = groups
         .iter()
-        .map(|g| IdentityKey {
-            namespace: g.namespace.to_string(),
-            pod_labels: g.labels.clone(),
+        .map(|g| IdentityKeyRef {
+            namespace: g.namespace,
+            pod_labels: g.labels,
             namespace_labels: ns_labels
                 .get(g.namespace)
-                .map(|l| l.as_ref().clone())
-                .unwrap_or_default(),
-            named_ports: g.named_ports.to_vec(),
+                .map_or(&no_labels, |l| l.as_ref()),
+            named_ports: g.named_ports,
         })
         .collect();
-    let numbers = interner.assign(&keys.iter().collect::<Vec<_>>());
+    let numbers = interner.assign_with(&refs.iter().collect::<Vec<_>>(), |r| r.to_key());
+    // Every key is interned now (or its group is dropped below, the number space exhausted).
+    let keys: Vec<Arc<IdentityKey>> = refs
+        .iter()
+        .map(|r| interner.key(r).cloned().unwrap_or_else(|| r.to_key()))
+        .collect();
     if numbers.iter().all(Option::is_some) {
         for (g, n) in groups.iter_mut().zip(numbers) {
             g.identity = n.unwrap_or_default();

@@ -22,12 +22,9 @@
 //!   every pod inside such a block gets a host prefix in `cidrs` whose CIDR identity also carries
 //!   that pod's named-port table; the name is resolved on those tables and the entries are keyed
 //!   by those CIDR identities: exact per address.
-use std::{
-    borrow::Cow,
-    collections::{BTreeMap, HashMap},
-    rc::Rc,
-};
+use std::{borrow::Cow, collections::BTreeMap, rc::Rc};
 
+use hashbrown::HashMap;
 use npc_common::{Direction, IDENTITY_ANY};
 
 use super::{

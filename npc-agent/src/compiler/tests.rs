@@ -1621,7 +1621,7 @@ fn identities_are_stable_and_grouped() {
     );
     assert_eq!(d.identities.len(), 10, "9 e2e identities plus x/a3");
     assert_eq!(
-        d.identities[&id("y/b")],
+        *d.identities[&id("y/b")],
         IdentityKey {
             namespace: "y".into(),
             pod_labels: labels("pod=b"),
