@@ -224,7 +224,10 @@ pub async fn run(opts: Options) -> Result<()> {
                 due = None;
                 let update = source.as_mut().expect("a sync is only due with a source").current();
                 metrics.set_invalid_objects(&update.invalid_objects);
-                match sync.sync(&mut attacher.datapath.maps, &update.state).await {
+                let synced = sync.sync(&mut attacher.datapath.maps, &update.state).await;
+                drop(update);
+                release_freed_memory();
+                match synced {
                     Ok(_) if !adopted => {
                         attacher.adopt_links();
                         adopted = true;
@@ -241,6 +244,17 @@ pub async fn run(opts: Options) -> Result<()> {
     };
     attacher.release();
     result
+}
+
+/// Hands the heap's free pages back to the kernel. A sync and a source reload free large
+/// transient allocations (a parsed manifests file is several times its size) that glibc would
+/// otherwise keep as resident memory; trimming takes about a millisecond here.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Kubernetes mode's client and node name: in-cluster config or `KUBECONFIG` (no connection is

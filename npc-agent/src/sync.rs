@@ -1,7 +1,13 @@
 //! The policy sync: cluster state in, maps out. Compiles the state, learns which host veth
 //! carries which local pod, and has the reconciler write the difference. Bursts of changes are
 //! coalesced by the caller (`run`), which calls `sync` at most every `COALESCE`.
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, sync::Arc, time::Instant};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result};
 use npc_common::map_names;
@@ -34,6 +40,22 @@ pub struct PolicySync {
     /// Whether `identities` holds the numbering of the adopted maps (done at the first sync).
     numbering_adopted: bool,
     metrics: Metrics,
+    timings: SyncTimings,
+}
+
+/// Where the last sync spent its time.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SyncTimings {
+    /// Compiling the state (and adopting the maps' numbering on the first sync).
+    pub compile: Duration,
+    /// Reading the node's addresses and learning the pod veths (netlink).
+    pub learn: Duration,
+    /// Writing the difference into the maps.
+    pub write: Duration,
+    /// From the start to the maps holding the new state: the change is enforced.
+    pub maps_updated: Duration,
+    /// Building the names for the deny log and publishing them for `dump` (after the maps).
+    pub names: Duration,
 }
 
 impl PolicySync {
@@ -53,6 +75,7 @@ impl PolicySync {
             published: false,
             numbering_adopted: false,
             metrics,
+            timings: SyncTimings::default(),
         })
     }
 
@@ -65,6 +88,11 @@ impl PolicySync {
     /// Whether a sync succeeded since the agent started.
     pub fn has_synced(&self) -> bool {
         self.ready.is_ready()
+    }
+
+    /// Where the last successful sync spent its time.
+    pub fn last_timings(&self) -> SyncTimings {
+        self.timings
     }
 
     /// The names of the last synced state (updated after every sync).
@@ -89,6 +117,8 @@ impl PolicySync {
         let node_ips = node_addresses()
             .await
             .context("reading the node's addresses")?;
+        let learned = start.elapsed();
+        let t = Instant::now();
         if !self.numbering_adopted {
             // Keep the identity numbers the maps hold (left by the previous agent).
             let realized = self.reconciler.realized();
@@ -103,17 +133,36 @@ impl PolicySync {
             self.numbering_adopted = true;
         }
         let desired = compile_on_node(state, &node_ips, &mut self.identities);
+        let compile = t.elapsed();
+        let t = Instant::now();
         let veths = self.learn_veths().await;
+        let learn = learned + t.elapsed();
+        let t = Instant::now();
         let stats = self.reconciler.apply(maps, &desired, &veths)?;
+        let write = t.elapsed();
+        let maps_updated = start.elapsed();
+        let t = Instant::now();
         self.publish_names(state, &desired);
+        self.timings = SyncTimings {
+            compile,
+            learn,
+            write,
+            maps_updated,
+            names: t.elapsed(),
+        };
         self.metrics.set_state(&self.state_stats(&desired));
         let local_pods = desired
             .endpoints
             .values()
             .filter(|e| e.flags & npc_common::ENDPOINT_LOCAL != 0)
             .count();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
         info!(
-            took_ms = start.elapsed().as_secs_f64() * 1e3,
+            took_ms = ms(start.elapsed()),
+            compile_ms = ms(compile),
+            learn_ms = ms(learn),
+            write_ms = ms(write),
+            names_ms = ms(self.timings.names),
             endpoints = desired.endpoints.len(),
             local_pod_addresses = local_pods,
             veths_learned = veths.len(),

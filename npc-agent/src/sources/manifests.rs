@@ -33,6 +33,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     fmt, fs,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -58,8 +59,9 @@ const MAX_DELAY: Duration = Duration::from_millis(500);
 /// One published state of the directory.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Snapshot {
-    /// `node` is the source's node name; `node_ips` is left empty (the agent fills it).
-    pub state: ClusterState,
+    /// `node` is the source's node name; `node_ips` is left empty (the agent fills it). Shared
+    /// with the syncs that use it (no copy per sync).
+    pub state: Arc<ClusterState>,
     /// Every problem of the load that produced this snapshot.
     pub errors: Vec<SourceError>,
     /// 1 for the initial load, then one more for each published snapshot.
@@ -720,7 +722,7 @@ impl ManifestsSource {
         let (state, errors) = self.read();
         self.generation += 1;
         Snapshot {
-            state,
+            state: Arc::new(state),
             errors,
             generation: self.generation,
         }
@@ -826,11 +828,11 @@ async fn watch_loop(
             }
         };
         let published = tx.send_if_modified(|current| {
-            if current.state == state && current.errors == errors {
+            if *current.state == state && current.errors == errors {
                 return false;
             }
             current.generation += 1;
-            current.state = state;
+            current.state = Arc::new(state);
             current.errors = errors;
             true
         });

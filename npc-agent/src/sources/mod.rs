@@ -45,7 +45,7 @@ impl Source {
             Source::Manifests(rx) => {
                 let snapshot = rx.borrow_and_update();
                 Update {
-                    state: Arc::new(snapshot.state.clone()),
+                    state: Arc::clone(&snapshot.state),
                     invalid_objects: snapshot.invalid_objects(),
                 }
             }
