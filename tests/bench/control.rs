@@ -1,253 +1,436 @@
-//! Control-plane figures: compile time and resident memory for a generated cluster.
-use std::{net::IpAddr, time::Instant};
-
-use anyhow::Result;
-use npc_agent::{
-    compiler::{Identities, compile},
-    model::{
-        ClusterState, LabelSelector, Labels, NAMESPACE_NAME_LABEL, NamedPort, Namespace,
-        NetworkPolicy, ObjectRef, Peer, Pod, PolicyPort, PortRef, Protocol, Rule,
-    },
+//! Control plane: how long compiling and writing a cluster's policy takes, how long one change
+//! takes to reach the maps, and what it costs in memory (the agent's and the maps').
+//!
+//! The clusters are generated as manifests (`cluster::write`) and read back with the agent's
+//! own manifests reader, so the agent run and the in-process measurements see the same state.
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
-use npc_common::ENDPOINT_LOCAL;
 
-fn labels(pairs: &[(&str, String)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect()
-}
+use anyhow::{Context as _, Result, bail, ensure};
+use npc_agent::{
+    compiler::{Identities, compile_on_node},
+    http::Readiness,
+    metrics::Metrics,
+    model::{ClusterState, ObjectRef, Pod, PolicyPort, PortRef},
+    reconcile::Reconciler,
+    sources::manifests::{LastGood, load_dir},
+    sync::{COALESCE, PolicySync},
+};
+use npc_common::{Config, map_names};
+use npc_tests::datapath::TestDatapath;
 
-fn selector(pairs: &[(&str, String)]) -> LabelSelector {
-    LabelSelector {
-        match_labels: labels(pairs),
-        match_expressions: vec![],
-    }
-}
+use crate::stats::{quantile, stats};
 
-fn tcp(port: PortRef) -> PolicyPort {
-    PolicyPort {
-        protocol: Protocol::Tcp,
-        port: Some(port),
-        end_port: None,
-    }
-}
+mod agent;
+mod cluster;
 
-/// `namespaces` namespaces with `pods_per_ns` pods each (4 apps, named ports), spread over 100
-/// nodes, and `policies` policies (one per namespace, round robin) mixing pod, namespace-label
-/// and namespace-name selectors, named ports and ipBlocks with excepts.
-pub fn cluster(
-    namespaces: u32,
-    pods_per_ns: u32,
-    policies: u32,
-    node: Option<&str>,
-) -> ClusterState {
-    let mut st = ClusterState {
-        node: node.map(String::from),
-        node_ips: vec!["192.168.0.1".parse().unwrap()],
-        ..Default::default()
-    };
-    for i in 0..namespaces {
-        let ns = format!("ns-{i}");
-        let ns_labels = labels(&[
-            ("team", format!("t{}", i % 20)),
-            (
-                "env",
-                if i % 2 == 0 {
-                    "prod".into()
-                } else {
-                    "dev".into()
-                },
-            ),
-            (NAMESPACE_NAME_LABEL, ns.clone()),
-        ]);
-        st.namespaces.insert(
-            ns.clone(),
-            Namespace {
-                name: ns.clone(),
-                labels: ns_labels,
-                audit: false,
-            },
-        );
-        for j in 0..pods_per_ns {
-            let app = j % 4;
-            let mut named_ports = vec![NamedPort {
-                name: "metrics".into(),
-                port: 9090,
-                protocol: Protocol::Tcp,
-            }];
-            if app < 2 {
-                named_ports.push(NamedPort {
-                    name: "http".into(),
-                    port: 8080 + app as u16,
-                    protocol: Protocol::Tcp,
-                });
-            }
-            named_ports.sort();
-            let n = i * pods_per_ns + j;
-            let ip: IpAddr = std::net::Ipv4Addr::from(0x0a00_0000 + n + 1).into();
-            let name = format!("p-{j}");
-            st.pods.insert(
-                ObjectRef {
-                    namespace: ns.clone(),
-                    name: name.clone(),
-                },
-                Pod {
-                    namespace: ns.clone(),
-                    name,
-                    labels: labels(&[("app", format!("app{app}")), ("tier", "web".into())]),
-                    node: Some(format!("node-{}", n % 100)),
-                    ips: vec![ip],
-                    named_ports,
-                    host_network: false,
-                },
-            );
-        }
-    }
-    for k in 0..policies {
-        let i = k % namespaces;
-        let ns = format!("ns-{i}");
-        let name = format!("policy-{k}");
-        let policy = NetworkPolicy {
-            namespace: ns.clone(),
-            name: name.clone(),
-            pod_selector: selector(&[("app", format!("app{}", k % 4))]),
-            ingress_isolation: true,
-            egress_isolation: true,
-            ingress: vec![
-                Rule {
-                    peers: Some(vec![Peer::Pods {
-                        namespaces: None,
-                        pods: selector(&[("app", "app1".into())]),
-                    }]),
-                    ports: Some(vec![
-                        tcp(PortRef::Number(8080)),
-                        tcp(PortRef::Name("http".into())),
-                    ]),
-                },
-                Rule {
-                    peers: Some(vec![Peer::Pods {
-                        namespaces: Some(selector(&[("team", format!("t{}", i % 20))])),
-                        pods: selector(&[("app", "app2".into())]),
-                    }]),
-                    ports: Some(vec![tcp(PortRef::Name("metrics".into()))]),
-                },
-            ],
-            egress: vec![
-                Rule {
-                    peers: Some(vec![Peer::Pods {
-                        namespaces: Some(selector(&[(
-                            NAMESPACE_NAME_LABEL,
-                            format!("ns-{}", (i + 1) % namespaces),
-                        )])),
-                        pods: selector(&[("app", "app0".into())]),
-                    }]),
-                    ports: Some(vec![tcp(PortRef::Name("http".into()))]),
-                },
-                Rule {
-                    peers: Some(vec![
-                        Peer::IpBlock {
-                            cidr: "10.0.0.0/8".parse().unwrap(),
-                            except: vec![format!("10.{}.0.0/16", i % 4).parse().unwrap()],
-                        },
-                        Peer::IpBlock {
-                            cidr: format!("172.{}.{}.0/24", 16 + i % 16, i % 256)
-                                .parse()
-                                .unwrap(),
-                            except: vec![],
-                        },
-                    ]),
-                    ports: Some(vec![
-                        tcp(PortRef::Number(443)),
-                        PolicyPort {
-                            protocol: Protocol::Udp,
-                            port: Some(PortRef::Number(53)),
-                            end_port: None,
-                        },
-                    ]),
-                },
-            ],
-        };
-        st.policies.insert(
-            ObjectRef {
-                namespace: ns,
-                name,
-            },
-            policy,
-        );
-    }
-    st
-}
+use cluster::Scale;
 
-/// Resident set size of this process, in MiB (from /proc/self/status).
-fn rss_mib(field: &str) -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
+/// The cluster sizes of the issue: pods, policies (10 pods and one policy per namespace).
+const SCALES: [Scale; 3] = [
+    Scale {
+        pods: 1_000,
+        policies: 100,
+    },
+    Scale {
+        pods: 10_000,
+        policies: 1_000,
+    },
+    Scale {
+        pods: 50_000,
+        policies: 5_000,
+    },
+];
+
+/// The node the agent runs as: 1 in 100 pods runs there.
+const NODE: &str = "node-0";
 
 pub fn run(args: &crate::Args) -> Result<()> {
-    let rounds = args.rounds.min(10);
-    println!("control plane: compile of a generated cluster, {rounds} rounds");
+    let rounds = if args.quick {
+        3
+    } else {
+        args.rounds.clamp(5, 11)
+    };
+    let changes = if args.quick { 30 } else { 300 };
+    let scales: &[Scale] = if args.quick { &SCALES[..2] } else { &SCALES };
+    println!("control plane: generated clusters ({NODE} runs 1 in 100 pods), {rounds} rounds");
+    let dir = TempDir::new("npc-bench-control")?;
+
     println!(
-        "{:<44} {:>9} {:>8} {:>8} {:>10} {:>9} {:>8} {:>9}",
-        "cluster (pods/namespaces/policies, node)",
-        "median ms",
+        "{:<20} {:>8} {:>9} {:>9} {:>7} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "pods/policies",
+        "load ms",
+        "compile",
         "min",
         "max",
-        "identities",
+        "write",
+        "endpoints",
         "entries",
-        "cidrs",
-        "RSS MiB"
+        "agent RSS",
+        "agent HWM",
+        "1st sync"
     );
-    for (pods_per_ns, namespaces, policies) in [(10u32, 1_000u32, 1_000u32), (10, 100, 100)] {
-        for node in [Some("node-0"), None] {
-            let rss_before = rss_mib("VmRSS:");
-            let state = cluster(namespaces, pods_per_ns, policies, node);
-            let mut ids = Identities::default();
-            let mut times = Vec::new();
-            let mut desired = compile(&state, &mut ids);
-            for _ in 0..rounds {
-                let t = Instant::now();
-                desired = compile(&state, &mut ids);
-                times.push(t.elapsed().as_secs_f64() * 1e3);
-            }
-            let rss = rss_mib("VmRSS:") - rss_before;
-            let local = desired
-                .endpoints
-                .values()
-                .filter(|e| e.flags & ENDPOINT_LOCAL != 0)
-                .count();
-            let (med, min, max) = crate::stats::stats(times);
-            let label = format!(
-                "{}/{}/{}, {}",
-                namespaces * pods_per_ns,
-                namespaces,
-                policies,
-                match node {
-                    Some(n) => format!("{n} ({local} local)"),
-                    None => "all local".into(),
-                }
-            );
-            println!(
-                "{label:<44} {med:>9.1} {min:>8.1} {max:>8.1} {:>10} {:>9} {:>8} {rss:>9.1}",
-                desired.identities.len(),
-                desired.policy.len(),
-                desired.cidrs.len()
-            );
-            drop((state, desired, ids));
+    let mut memory = Vec::new();
+    for scale in scales {
+        let manifests = dir.0.join(format!("{}-{}", scale.pods, scale.policies));
+        cluster::write(&manifests, *scale)?;
+        let t = Instant::now();
+        let state = load(&manifests)?;
+        let load_ms = ms(t.elapsed());
+
+        let node_ips = node_ips();
+        let mut ids = Identities::default();
+        let mut desired = compile_on_node(&state, &node_ips, &mut ids);
+        let mut times = Vec::new();
+        for _ in 0..rounds {
+            let t = Instant::now();
+            desired = compile_on_node(&state, &node_ips, &mut ids);
+            times.push(ms(t.elapsed()));
         }
+        let (compile, min, max) = stats(times);
+
+        // Written from empty: a fresh datapath's maps, every entry one update.
+        let dp = datapath();
+        let mut maps = Maps::of(&dp);
+        let before = maps.memory()?;
+        let mut reconciler = Reconciler::adopt(maps.maps())?;
+        let t = Instant::now();
+        reconciler.apply(maps.maps(), &desired, &Default::default())?;
+        let write = ms(t.elapsed());
+        let after = maps.memory()?;
+        memory.push((
+            *scale,
+            before,
+            after,
+            desired.endpoints.len(),
+            desired.policy.len(),
+        ));
+        drop(maps);
+        drop(dp);
+
+        let agent = agent::measure(&manifests, NODE)?;
+        println!(
+            "{:<20} {load_ms:>8.0} {compile:>9.1} {min:>9.1} {max:>7.1} {write:>7.0} {:>9} {:>9} {:>9.1} {:>9.1} {:>9.0}",
+            format!("{}/{}", scale.pods, scale.policies),
+            desired.endpoints.len(),
+            desired.policy.len(),
+            agent.rss_mib,
+            agent.hwm_mib,
+            agent.first_sync_ms,
+        );
     }
     println!(
-        "(RSS: growth of this process's resident set while the state, its compilation and the identities were held)"
+        "(ms; load: the manifests read and parsed; compile: median of {rounds} compiles for \
+         {NODE} after a first one; write: the compiled state into empty maps; agent: the \
+         npc-agent binary on these manifests in a network namespace of its own, resident and \
+         peak memory after its first sync, and how long that sync took by its log)"
+    );
+
+    println!();
+    println!("BPF map memory (the kernel's own accounting, /proc/PID/fdinfo memlock)");
+    println!(
+        "{:<20} {:>14} {:>14} {:>16} {:>16}",
+        "pods/policies", "endpoints B", "per endpoint", "policy B", "per policy entry"
+    );
+    for (scale, before, after, endpoints, entries) in &memory {
+        let ep = after.endpoints.saturating_sub(before.endpoints);
+        let pol = after.policy.saturating_sub(before.policy);
+        println!(
+            "{:<20} {:>14} {:>14.0} {:>16} {:>16.0}",
+            format!("{}/{}", scale.pods, scale.policies),
+            ep,
+            ep as f64 / (*endpoints).max(1) as f64,
+            pol,
+            pol as f64 / (*entries).max(1) as f64,
+        );
+    }
+    if let Some((_, before, ..)) = memory.first() {
+        println!(
+            "(every other map is preallocated or fixed: {:.1} MiB whatever the cluster, \
+             conntrack at {} entries in this run)",
+            before.fixed as f64 / (1 << 20) as f64,
+            CONNTRACK_CAPACITY
+        );
+    }
+
+    println!();
+    changes_at(&dir.0, SCALES[1], changes)
+}
+
+/// Conntrack capacity of the datapaths loaded here (the agent's default is larger; conntrack is
+/// preallocated, so its memory does not depend on the cluster).
+const CONNTRACK_CAPACITY: u32 = 16_384;
+
+/// One change after another at `scale`, each synced as the agent syncs (compile, learn the
+/// veths, write the difference, publish the names): time from the new state to the maps
+/// holding it.
+fn changes_at(dir: &Path, scale: Scale, changes: usize) -> Result<()> {
+    let manifests = dir.join(format!("{}-{}", scale.pods, scale.policies));
+    if !manifests.exists() {
+        cluster::write(&manifests, scale)?;
+    }
+    let mut state = load(&manifests)?;
+    let dp = datapath();
+    let mut maps = npc_agent::dataplane::Maps::open(dp.pin_dir())?;
+    let state_dir = TempDir::new("npc-bench-state")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut sync = PolicySync::new(
+        &maps,
+        Readiness::default(),
+        state_dir.0.clone(),
+        Metrics::without_datapath(),
+    )?;
+    runtime.block_on(sync.sync(&mut maps, &state))?;
+
+    println!(
+        "one change at {} pods / {} policies ({NODE}): time from the new state to the maps \
+         holding it, {changes} changes each",
+        scale.pods, scale.policies
     );
     println!(
-        "peak RSS of the benchmark process: {:.1} MiB",
-        rss_mib("VmHWM:")
+        "{:<44} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8}",
+        "change", "p50 ms", "p99 ms", "min", "max", "writes", "compile", "learn", "write", "names"
+    );
+    let kinds: [(&str, Change); 4] = [
+        (
+            "policy port changed (selects a local pod)",
+            change_policy_port,
+        ),
+        ("pod relabelled (a peer of local pods)", relabel_pod),
+        ("pod added (elsewhere, a new replica)", add_pod),
+        ("pod added (on this node)", add_local_pod),
+    ];
+    // Per kind: the time to the maps updated, and its parts.
+    let mut times: Vec<[Vec<f64>; 5]> = vec![Default::default(); kinds.len()];
+    let mut writes = vec![0usize; kinds.len()];
+    // Interleaved: one change of each kind per round.
+    for i in 0..changes {
+        for (k, (_, change)) in kinds.iter().enumerate() {
+            change(&mut state, i);
+            let s = runtime.block_on(sync.sync(&mut maps, &state))?;
+            let t = sync.last_timings();
+            for (v, d) in
+                times[k]
+                    .iter_mut()
+                    .zip([t.maps_updated, t.compile, t.learn, t.write, t.names])
+            {
+                v.push(ms(d));
+            }
+            writes[k] += s.writes + s.deletes;
+        }
+    }
+    for (k, (name, _)) in kinds.iter().enumerate() {
+        let [total, compile, learn, write, names] = &mut times[k];
+        let (p50, p99) = (quantile(total, 0.5), quantile(total, 0.99));
+        println!(
+            "{name:<44} {p50:>8.2} {p99:>8.2} {:>8.2} {:>8.2} {:>7.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+            total[0],
+            total[total.len() - 1],
+            writes[k] as f64 / changes as f64,
+            quantile(compile, 0.5),
+            quantile(learn, 0.5),
+            quantile(write, 0.5),
+            quantile(names, 0.5),
+        );
+    }
+    println!(
+        "(p50/p99/min/max: from the new state to the maps holding it; then the medians of its \
+         parts: compile, learn (node addresses and pod veths, netlink), write (the difference \
+         into the maps); names: building and publishing the names for the deny log and dump, \
+         after the maps. writes: map updates and deletes per change. A source applies a burst \
+         of changes at most every {} ms (the agent's coalescing window), which comes on top)",
+        COALESCE.as_millis()
     );
     Ok(())
+}
+
+type Change = fn(&mut ClusterState, usize);
+
+/// Toggles the port of the first ingress rule of `policy-0` (it selects `p-0` of `ns-0`, which
+/// runs on this node).
+fn change_policy_port(state: &mut ClusterState, i: usize) {
+    let key = ObjectRef {
+        namespace: "ns-0".into(),
+        name: "policy-0".into(),
+    };
+    let policy = state.policies.get_mut(&key).expect("generated policy-0");
+    policy.ingress[0].ports = Some(vec![PolicyPort {
+        protocol: npc_agent::model::Protocol::Tcp,
+        port: Some(PortRef::Number(8000 + (i % 2) as u16)),
+        end_port: None,
+    }]);
+}
+
+/// Moves `ns-1/p-1` between `app1` (a peer of policy-0's ingress rule) and `app5` (new).
+fn relabel_pod(state: &mut ClusterState, i: usize) {
+    let pod = pod_mut(state, "ns-1", "p-1");
+    let app = if i.is_multiple_of(2) { "app5" } else { "app1" };
+    pod.labels.insert("app".into(), app.into());
+}
+
+/// Adds a pod of an existing app on another node.
+fn add_pod(state: &mut ClusterState, i: usize) {
+    add(state, i, "node-1", 0x0b00_0000);
+}
+
+/// Adds a pod of an existing app on this node.
+fn add_local_pod(state: &mut ClusterState, i: usize) {
+    add(state, i, NODE, 0x0b80_0000);
+}
+
+fn add(state: &mut ClusterState, i: usize, node: &str, base: u32) {
+    let template = pod_mut(state, "ns-0", "p-0").clone();
+    let name = format!("added-{node}-{i}");
+    let pod = Pod {
+        name: name.clone(),
+        node: Some(node.into()),
+        ips: vec![IpAddr::V4(Ipv4Addr::from(base + i as u32))],
+        ..template
+    };
+    state.pods.insert(
+        ObjectRef {
+            namespace: "ns-0".into(),
+            name,
+        },
+        pod,
+    );
+}
+
+fn pod_mut<'a>(state: &'a mut ClusterState, namespace: &str, name: &str) -> &'a mut Pod {
+    let key = ObjectRef {
+        namespace: namespace.into(),
+        name: name.into(),
+    };
+    state.pods.get_mut(&key).expect("generated pod")
+}
+
+/// The state of a manifests directory, as the agent's manifests source reads it for `NODE`.
+fn load(dir: &Path) -> Result<ClusterState> {
+    let (mut state, errors) = load_dir(dir, &mut LastGood::default());
+    ensure!(
+        errors.is_empty(),
+        "generated manifests rejected: {}",
+        errors
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    state.node = Some(NODE.into());
+    Ok(state)
+}
+
+fn node_ips() -> Vec<IpAddr> {
+    vec![IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1))]
+}
+
+fn datapath() -> TestDatapath {
+    TestDatapath::with_options(Config::default(), |o| {
+        o.conntrack_capacity = CONNTRACK_CAPACITY;
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Memory of the maps of a loaded datapath, by the kernel's accounting.
+struct MapMemory {
+    endpoints: u64,
+    policy: u64,
+    /// Every other map.
+    fixed: u64,
+}
+
+/// A second handle on a test datapath's pinned maps, and their memory.
+struct Maps<'a> {
+    dp: &'a TestDatapath,
+    maps: npc_agent::dataplane::Maps,
+}
+
+impl<'a> Maps<'a> {
+    fn of(dp: &'a TestDatapath) -> Maps<'a> {
+        let maps = npc_agent::dataplane::Maps::open(dp.pin_dir()).expect("opening the pinned maps");
+        Maps { dp, maps }
+    }
+
+    fn maps(&mut self) -> &mut npc_agent::dataplane::Maps {
+        &mut self.maps
+    }
+
+    fn memory(&self) -> Result<MapMemory> {
+        let mut m = MapMemory {
+            endpoints: 0,
+            policy: 0,
+            fixed: 0,
+        };
+        for name in map_names::ALL {
+            let bytes = memlock(&self.dp.pin_dir().join(name))?;
+            match name {
+                map_names::ENDPOINTS => m.endpoints = bytes,
+                map_names::POLICY => m.policy = bytes,
+                _ => m.fixed += bytes,
+            }
+        }
+        Ok(m)
+    }
+}
+
+/// The `memlock` line of a pinned map's fdinfo: the kernel's count of the map's memory (its
+/// `map_mem_usage`, actual elements for maps allocated on update).
+fn memlock(pin: &Path) -> Result<u64> {
+    let fd = bpf_obj_get(pin)?;
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"));
+    unsafe { libc::close(fd) };
+    let info = info.context("reading the map's fdinfo")?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no memlock in the fdinfo of {}", pin.display()))
+}
+
+fn bpf_obj_get(pin: &Path) -> Result<i32> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes())?;
+    let mut attr = [0u64; 4];
+    attr[0] = path.as_ptr() as u64;
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        bail!(
+            "opening {}: {}",
+            pin.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(fd as i32)
+}
+
+/// A directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(prefix: &str) -> Result<TempDir> {
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(TempDir(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -56,6 +56,11 @@ impl TestDatapath {
         TestDatapath { dp, dir }
     }
 
+    /// Where its maps are pinned.
+    pub fn pin_dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     /// Runs `frame` through the program of `dir` (egress = `from_pod`, ingress = `to_pod`).
     pub fn run(&self, dir: Direction, frame: &[u8]) -> Verdict {
         self.try_run(dir, frame).expect("BPF_PROG_TEST_RUN")

@@ -22,8 +22,9 @@ pub struct Args {
     rounds: Option<usize>,
 }
 
-/// What the traffic part runs besides npc: the iptables + ipset enforcer it is compared with.
-const TRAFFIC_PACKAGES: [&str; 2] = ["iptables", "ipset"];
+/// What the traffic part runs besides npc: the iptables + ipset enforcer it is compared with
+/// (nft removes the emptied nf_tables table between arms, so it adds no hooks to the others).
+const TRAFFIC_PACKAGES: [&str; 3] = ["iptables", "ipset", "nftables"];
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     if !util::is_root() {
@@ -35,9 +36,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         util::step("bench", "traffic packages", || {
             setup::ensure_apt("traffic packages", &packages)
         })?;
-        // The traffic part runs the agent binary as a node's DaemonSet would.
-        util::run(command("cargo").args(["build", "--quiet", "--release", "-p", "npc-agent"]))?;
     }
+    // The control and traffic parts run the agent binary as a node's DaemonSet would.
+    util::run(command("cargo").args(["build", "--quiet", "--release", "-p", "npc-agent"]))?;
     let mut bench = command("cargo");
     bench.args([
         "run",
