@@ -98,9 +98,15 @@ fn fingerprints(policy: &BTreeMap<(u32, PolicyKey), PolicyEntry>) -> BTreeMap<u3
 
 /// A fingerprint of how every address resolves to identities (endpoints and CIDR prefixes):
 /// when it changes, any isolated endpoint's verdicts may change.
-fn peer_view(endpoints: &BTreeMap<IpAddr, u32>, cidrs: &BTreeMap<(IpAddr, u8), u32>) -> u64 {
+fn peer_view(
+    endpoints: impl Iterator<Item = (IpAddr, u32)>,
+    cidrs: &BTreeMap<(IpAddr, u8), u32>,
+) -> u64 {
+    // Streamed: no copy of the endpoints (10,000s of them) per sync.
     let mut h = DefaultHasher::new();
-    endpoints.hash(&mut h);
+    for entry in endpoints {
+        entry.hash(&mut h);
+    }
     cidrs.hash(&mut h);
     h.finish()
 }
@@ -140,19 +146,11 @@ pub fn plan(
     let old_prints = fingerprints(&realized.policy);
     let new_prints = fingerprints(&want_policy);
     let old_view = peer_view(
-        &realized
-            .endpoints
-            .iter()
-            .map(|(ip, e)| (*ip, e.identity))
-            .collect(),
+        realized.endpoints.iter().map(|(ip, e)| (*ip, e.identity)),
         &realized.cidrs,
     );
     let new_view = peer_view(
-        &desired
-            .endpoints
-            .iter()
-            .map(|(ip, e)| (*ip, e.identity))
-            .collect(),
+        desired.endpoints.iter().map(|(ip, e)| (*ip, e.identity)),
         &desired.cidrs,
     );
     let mut bumps = Vec::new();
@@ -284,13 +282,17 @@ impl Reconciler {
             self.recheck_all,
         );
         let mut stats = Stats::default();
-        let endpoints_before: BTreeMap<IpAddr, u32> = self
-            .realized
-            .endpoints
-            .iter()
-            .map(|(ip, e)| (*ip, e.generation))
-            .collect();
         for op in &ops {
+            // A known endpoint written with another generation: its flows are re-checked.
+            if let Op::EndpointPut(ip, info) = op
+                && self
+                    .realized
+                    .endpoints
+                    .get(ip)
+                    .is_some_and(|e| e.generation != info.generation)
+            {
+                stats.bumped += 1;
+            }
             if let Err(e) = execute(maps, &mut self.realized, *op) {
                 self.realized = Realized::read(maps)?;
                 return Err(e);
@@ -302,12 +304,6 @@ impl Reconciler {
                 _ => stats.writes += 1,
             }
         }
-        stats.bumped = self
-            .realized
-            .endpoints
-            .iter()
-            .filter(|(ip, e)| endpoints_before.get(ip).is_some_and(|g| *g != e.generation))
-            .count();
         self.recheck_all = false;
         Ok(stats)
     }
