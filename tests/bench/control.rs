@@ -202,8 +202,8 @@ fn changes_at(dir: &Path, scale: Scale, changes: usize) -> Result<()> {
             change_policy_port,
         ),
         ("pod relabelled (a peer of local pods)", relabel_pod),
-        ("pod added (elsewhere, a new replica)", add_pod),
-        ("pod added (on this node)", add_local_pod),
+        ("pod added or deleted (elsewhere, a replica)", add_pod),
+        ("pod added or deleted (on this node)", add_local_pod),
     ];
     // Per kind: the time to the maps updated, and its parts.
     let mut times: Vec<[Vec<f64>; 5]> = vec![Default::default(); kinds.len()];
@@ -273,32 +273,34 @@ fn relabel_pod(state: &mut ClusterState, i: usize) {
     pod.labels.insert("app".into(), app.into());
 }
 
-/// Adds a pod of an existing app on another node.
+/// Adds a replica of `ns-0/p-0` on another node, or deletes it again (every other change), so
+/// the cluster keeps its size.
 fn add_pod(state: &mut ClusterState, i: usize) {
-    add(state, i, "node-1", 0x0b00_0000);
+    add_or_delete(state, i, "node-1", Ipv4Addr::new(11, 0, 0, 1));
 }
 
-/// Adds a pod of an existing app on this node.
+/// The same on this node.
 fn add_local_pod(state: &mut ClusterState, i: usize) {
-    add(state, i, NODE, 0x0b80_0000);
+    add_or_delete(state, i, NODE, Ipv4Addr::new(11, 0, 0, 2));
 }
 
-fn add(state: &mut ClusterState, i: usize, node: &str, base: u32) {
+fn add_or_delete(state: &mut ClusterState, i: usize, node: &str, ip: Ipv4Addr) {
+    let key = ObjectRef {
+        namespace: "ns-0".into(),
+        name: format!("added-{node}"),
+    };
+    if i % 2 == 1 {
+        state.pods.remove(&key);
+        return;
+    }
     let template = pod_mut(state, "ns-0", "p-0").clone();
-    let name = format!("added-{node}-{i}");
     let pod = Pod {
-        name: name.clone(),
+        name: key.name.clone(),
         node: Some(node.into()),
-        ips: vec![IpAddr::V4(Ipv4Addr::from(base + i as u32))],
+        ips: vec![IpAddr::V4(ip)],
         ..template
     };
-    state.pods.insert(
-        ObjectRef {
-            namespace: "ns-0".into(),
-            name,
-        },
-        pod,
-    );
+    state.pods.insert(key, pod);
 }
 
 fn pod_mut<'a>(state: &'a mut ClusterState, namespace: &str, name: &str) -> &'a mut Pod {
