@@ -59,6 +59,19 @@ fn args() -> Result<Args> {
     Ok(a)
 }
 
+/// The agent binary: `npc-agent` next to this one (`target/release`; `cargo xtask bench` builds
+/// it), for the parts that run it as a node would.
+pub fn agent_binary() -> Result<std::path::PathBuf> {
+    let exe = std::env::current_exe().context("locating npc-bench")?;
+    let agent = exe.with_file_name("npc-agent");
+    anyhow::ensure!(
+        agent.is_file(),
+        "no agent binary at {} (build it: cargo build --release -p npc-agent)",
+        agent.display()
+    );
+    Ok(agent)
+}
+
 fn main() -> Result<()> {
     let args = args()?;
     println!(

@@ -18,18 +18,6 @@ pub struct AgentMemory {
     pub first_sync_ms: f64,
 }
 
-/// The agent next to this benchmark's binary (`cargo xtask bench` builds both).
-fn agent_binary() -> Result<PathBuf> {
-    let path = std::env::current_exe()?.with_file_name("npc-agent");
-    if !path.exists() {
-        bail!(
-            "{} not found: build it first (cargo build --release -p npc-agent)",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
 /// A running agent, stopped and its pins removed on drop.
 struct Running {
     child: Child,
@@ -59,7 +47,7 @@ impl Drop for Running {
 }
 
 pub fn measure(manifests: &Path, node: &str) -> Result<AgentMemory> {
-    let binary = agent_binary()?;
+    let binary = crate::agent_binary()?;
     let lab = Lab::new("npcb")?;
     let id = format!("npc-bench-agent-{}", std::process::id());
     let bpffs = Path::new("/sys/fs/bpf").join(&id);

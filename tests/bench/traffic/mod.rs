@@ -153,7 +153,7 @@ pub fn run(args: &Args) -> Result<()> {
     let pinning = Pinning::from_env(cpus)?;
     let (client_cpu, server_cpu) = pinning.cpus();
 
-    let agent = npc::agent_binary()?;
+    let agent = crate::agent_binary()?;
     let backend = iptables::backend().context("iptables (apt-get install iptables ipset)")?;
     lab::run(&["ipset", "version"]).context("ipset (apt-get install ipset)")?;
     lab::cleanup_stale("npcbench")?;

@@ -24,18 +24,6 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pin directories of this benchmark: `<prefix><pid>-<n>`.
 const BPFFS_PREFIX: &str = "/sys/fs/bpf/npc-bench-";
 
-/// The agent binary: `npc-agent` next to this one (`target/release`).
-pub fn agent_binary() -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating npc-bench")?;
-    let agent = exe.with_file_name("npc-agent");
-    ensure!(
-        agent.is_file(),
-        "no agent binary at {} (build it: cargo build --release -p npc-agent)",
-        agent.display()
-    );
-    Ok(agent)
-}
-
 /// Removes the pin directories of earlier runs whose process is gone (killed runs), detaching
 /// what they still hold.
 pub fn cleanup_stale(agent: &Path) -> Result<()> {
