@@ -248,7 +248,7 @@ pub async fn run(opts: Options) -> Result<()> {
 
 /// Hands the heap's free pages back to the kernel. A sync and a source reload free large
 /// transient allocations (a parsed manifests file is several times its size) that glibc would
-/// otherwise keep as resident memory; trimming takes about a millisecond here.
+/// otherwise keep as resident memory.
 fn release_freed_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only walks the allocator's own free lists.

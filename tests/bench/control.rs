@@ -5,11 +5,12 @@
 //! own manifests reader, so the agent run and the in-process measurements see the same state.
 use std::{
     net::{IpAddr, Ipv4Addr},
-    path::{Path, PathBuf},
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::Path,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use npc_agent::{
     compiler::{Identities, compile_on_node},
     http::Readiness,
@@ -22,7 +23,10 @@ use npc_agent::{
 use npc_common::{Config, map_names};
 use npc_tests::datapath::TestDatapath;
 
-use crate::stats::{quantile, stats};
+use crate::{
+    TempDir,
+    stats::{quantile, stats},
+};
 
 mod agent;
 mod cluster;
@@ -57,6 +61,9 @@ pub fn run(args: &crate::Args) -> Result<()> {
     let changes = if args.quick { 30 } else { 300 };
     let scales: &[Scale] = if args.quick { &SCALES[..2] } else { &SCALES };
     println!("control plane: generated clusters ({NODE} runs 1 in 100 pods), {rounds} rounds");
+    // What killed runs left (namespaces, pins), then a scratch directory of this run.
+    npc_tests::lab::cleanup_stale(crate::LAB)?;
+    crate::agent::cleanup_stale(&crate::agent_binary()?)?;
     let dir = TempDir::new("npc-bench-control")?;
 
     println!(
@@ -93,14 +100,13 @@ pub fn run(args: &crate::Args) -> Result<()> {
         let (compile, min, max) = stats(times);
 
         // Written from empty: a fresh datapath's maps, every entry one update.
-        let dp = datapath();
-        let mut maps = Maps::of(&dp);
-        let before = maps.memory()?;
-        let mut reconciler = Reconciler::adopt(maps.maps())?;
+        let mut dp = datapath();
+        let before = map_memory(dp.pin_dir())?;
+        let mut reconciler = Reconciler::adopt(&dp.dp.maps)?;
         let t = Instant::now();
-        reconciler.apply(maps.maps(), &desired, &Default::default())?;
+        reconciler.apply(&mut dp.dp.maps, &desired, &Default::default())?;
         let write = ms(t.elapsed());
-        let after = maps.memory()?;
+        let after = map_memory(dp.pin_dir())?;
         memory.push((
             *scale,
             before,
@@ -108,10 +114,9 @@ pub fn run(args: &crate::Args) -> Result<()> {
             desired.endpoints.len(),
             desired.policy.len(),
         ));
-        drop(maps);
         drop(dp);
 
-        let agent = agent::measure(&manifests, NODE)?;
+        let agent = agent::measure(&manifests, NODE, &dir.0)?;
         println!(
             "{:<20} {load_ms:>8.0} {compile:>9.1} {min:>9.1} {max:>7.1} {write:>7.0} {:>9} {:>9} {:>9.1} {:>9.1} {:>9.0}",
             format!("{}/{}", scale.pods, scale.policies),
@@ -173,19 +178,19 @@ fn changes_at(dir: &Path, scale: Scale, changes: usize) -> Result<()> {
         cluster::write(&manifests, scale)?;
     }
     let mut state = load(&manifests)?;
-    let dp = datapath();
-    let mut maps = npc_agent::dataplane::Maps::open(dp.pin_dir())?;
+    let mut dp = datapath();
+    let maps = &mut dp.dp.maps;
     let state_dir = TempDir::new("npc-bench-state")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let mut sync = PolicySync::new(
-        &maps,
+        maps,
         Readiness::default(),
         state_dir.0.clone(),
         Metrics::without_datapath(),
     )?;
-    runtime.block_on(sync.sync(&mut maps, &state))?;
+    runtime.block_on(sync.sync(maps, &state))?;
 
     println!(
         "one change at {} pods / {} policies ({NODE}): time from the new state to the maps \
@@ -212,7 +217,7 @@ fn changes_at(dir: &Path, scale: Scale, changes: usize) -> Result<()> {
     for i in 0..changes {
         for (k, (_, change)) in kinds.iter().enumerate() {
             change(&mut state, i);
-            let s = runtime.block_on(sync.sync(&mut maps, &state))?;
+            let s = runtime.block_on(sync.sync(maps, &state))?;
             let t = sync.last_timings();
             for (v, d) in
                 times[k]
@@ -349,90 +354,34 @@ struct MapMemory {
     fixed: u64,
 }
 
-/// A second handle on a test datapath's pinned maps, and their memory.
-struct Maps<'a> {
-    dp: &'a TestDatapath,
-    maps: npc_agent::dataplane::Maps,
-}
-
-impl<'a> Maps<'a> {
-    fn of(dp: &'a TestDatapath) -> Maps<'a> {
-        let maps = npc_agent::dataplane::Maps::open(dp.pin_dir()).expect("opening the pinned maps");
-        Maps { dp, maps }
-    }
-
-    fn maps(&mut self) -> &mut npc_agent::dataplane::Maps {
-        &mut self.maps
-    }
-
-    fn memory(&self) -> Result<MapMemory> {
-        let mut m = MapMemory {
-            endpoints: 0,
-            policy: 0,
-            fixed: 0,
-        };
-        for name in map_names::ALL {
-            let bytes = memlock(&self.dp.pin_dir().join(name))?;
-            match name {
-                map_names::ENDPOINTS => m.endpoints = bytes,
-                map_names::POLICY => m.policy = bytes,
-                _ => m.fixed += bytes,
-            }
+/// The memory of the maps pinned in `dir`.
+fn map_memory(dir: &Path) -> Result<MapMemory> {
+    let mut m = MapMemory {
+        endpoints: 0,
+        policy: 0,
+        fixed: 0,
+    };
+    for name in map_names::ALL {
+        let bytes = memlock(&dir.join(name))?;
+        match name {
+            map_names::ENDPOINTS => m.endpoints = bytes,
+            map_names::POLICY => m.policy = bytes,
+            _ => m.fixed += bytes,
         }
-        Ok(m)
     }
+    Ok(m)
 }
 
 /// The `memlock` line of a pinned map's fdinfo: the kernel's count of the map's memory (its
 /// `map_mem_usage`, actual elements for maps allocated on update).
 fn memlock(pin: &Path) -> Result<u64> {
-    let fd = bpf_obj_get(pin)?;
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"));
-    unsafe { libc::close(fd) };
-    let info = info.context("reading the map's fdinfo")?;
+    let map =
+        aya::maps::MapData::from_pin(pin).with_context(|| format!("opening {}", pin.display()))?;
+    let fd = map.fd().as_fd().as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+        .context("reading the map's fdinfo")?;
     info.lines()
         .find_map(|l| l.strip_prefix("memlock:"))
         .and_then(|v| v.trim().parse().ok())
         .with_context(|| format!("no memlock in the fdinfo of {}", pin.display()))
-}
-
-fn bpf_obj_get(pin: &Path) -> Result<i32> {
-    const BPF_OBJ_GET: libc::c_long = 7;
-    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes())?;
-    let mut attr = [0u64; 4];
-    attr[0] = path.as_ptr() as u64;
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if fd < 0 {
-        bail!(
-            "opening {}: {}",
-            pin.display(),
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(fd as i32)
-}
-
-/// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(prefix: &str) -> Result<TempDir> {
-        let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(TempDir(dir))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

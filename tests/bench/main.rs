@@ -5,6 +5,7 @@
 //! nothing here asserts a time.
 use anyhow::{Context as _, Result, bail};
 
+mod agent;
 mod control;
 mod datapath;
 mod empty;
@@ -59,6 +60,10 @@ fn args() -> Result<Args> {
     Ok(a)
 }
 
+/// Name prefix of the labs (network namespaces) of every part: each part's start removes what
+/// killed runs left under it.
+pub const LAB: &str = "npcbench";
+
 /// The agent binary: `npc-agent` next to this one (`target/release`; `cargo xtask bench` builds
 /// it), for the parts that run it as a node would.
 pub fn agent_binary() -> Result<std::path::PathBuf> {
@@ -70,6 +75,25 @@ pub fn agent_binary() -> Result<std::path::PathBuf> {
         agent.display()
     );
     Ok(agent)
+}
+
+/// A scratch directory (manifests, agent logs and state), removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    /// `<tmp>/<prefix>-<pid>`, emptied first.
+    pub fn new(prefix: &str) -> Result<TempDir> {
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(TempDir(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn main() -> Result<()> {

@@ -19,13 +19,11 @@
 //! `NPC_BENCH_PIN=same|off` to compare).
 mod iptables;
 mod load;
-mod npc;
 mod policy;
 
 use std::{
     fmt::Write as _,
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
     thread,
     time::{Duration, Instant},
 };
@@ -65,7 +63,7 @@ struct Arm {
 /// The enforcement of the arm being measured; removed by [`Enforcement::stop`] or on drop.
 enum Enforcement {
     None,
-    Npc(npc::Agent),
+    Npc(crate::agent::Agent),
     Iptables(iptables::Active),
 }
 
@@ -76,15 +74,6 @@ impl Enforcement {
             Enforcement::Npc(agent) => agent.stop(),
             Enforcement::Iptables(active) => active.unload(),
         }
-    }
-}
-
-/// A scratch directory (manifests, agent logs), removed on drop.
-struct WorkDir(PathBuf);
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -156,11 +145,10 @@ pub fn run(args: &Args) -> Result<()> {
     let agent = crate::agent_binary()?;
     let backend = iptables::backend().context("iptables (apt-get install iptables ipset)")?;
     lab::run(&["ipset", "version"]).context("ipset (apt-get install ipset)")?;
-    lab::cleanup_stale("npcbench")?;
-    npc::cleanup_stale(&agent)?;
+    lab::cleanup_stale(crate::LAB)?;
+    crate::agent::cleanup_stale(&agent)?;
 
-    let work =
-        WorkDir(std::env::temp_dir().join(format!("npc-bench-traffic-{}", std::process::id())));
+    let work = crate::TempDir::new("npc-bench-traffic")?;
     let sets: Vec<PolicySet> = SIZES
         .iter()
         .map(|&n| policy::generate(&work.0.join(format!("policies-{n}")), n))
@@ -170,7 +158,7 @@ pub fn run(args: &Args) -> Result<()> {
         .map(|s| iptables::generate(&s.state))
         .collect::<Result<_>>()?;
 
-    let lab = Lab::new("bench")?;
+    let lab = Lab::new(crate::LAB)?;
     let pods = Pods {
         server: lab.add_routed_pod("server", SERVER_IP, None)?,
         client: lab.add_routed_pod("client", CLIENT_IP, None)?,
@@ -209,7 +197,7 @@ pub fn run(args: &Args) -> Result<()> {
             let kind = arms[a].kind;
             let enforcement = match kind {
                 Kind::None => Enforcement::None,
-                Kind::Npc(i) => Enforcement::Npc(npc::Agent::start(
+                Kind::Npc(i) => Enforcement::Npc(crate::agent::Agent::start(
                     &agent,
                     lab.node_netns(),
                     &sets[i].dir,

@@ -1,5 +1,5 @@
-//! The npc arm: `npc-agent` in the lab's node namespace, watching a manifests directory, as the
-//! DaemonSet runs it. Only the network namespace is entered (not `ip netns exec`, which hides
+//! `npc-agent` in a lab's node namespace, watching a manifests directory, as the DaemonSet runs
+//! it (the npc arm of the traffic part, the memory of the control part). Only the network namespace is entered (not `ip netns exec`, which hides
 //! /sys/fs/bpf): the pins stay visible, so `npc-agent cleanup` can detach after the agent stops
 //! (SIGTERM leaves the pinned tcx links enforcing, by design).
 use std::{
@@ -164,9 +164,19 @@ impl Agent {
         }
     }
 
+    /// The agent's process id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Everything the agent logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The last lines of the agent's log.
     pub fn log_tail(&self) -> String {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let text = self.log();
         let lines: Vec<&str> = text.lines().collect();
         let tail = lines[lines.len().saturating_sub(20)..].join("\n");
         format!("agent log ({}):\n{tail}", self.log.display())
