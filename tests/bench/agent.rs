@@ -1,11 +1,11 @@
 //! `npc-agent` in a lab's node namespace, watching a manifests directory, as the DaemonSet runs
-//! it (the npc arm of the traffic part, the memory of the control part). Only the network namespace is entered (not `ip netns exec`, which hides
-//! /sys/fs/bpf): the pins stay visible, so `npc-agent cleanup` can detach after the agent stops
-//! (SIGTERM leaves the pinned tcx links enforcing, by design).
+//! it (the npc arm of the traffic part, the memory of the control part). Only the network
+//! namespace is entered (not `ip netns exec`, which hides /sys/fs/bpf): the pins stay visible,
+//! so `npc-agent cleanup` can detach after the agent stops (SIGTERM leaves the pinned tcx links
+//! enforcing, by design).
 use std::{
     fs,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use npc_tests::lab::try_in_netns;
+use npc_tests::lab::{readyz, try_in_netns};
 
 /// The agent's HTTP endpoint, inside the node namespace.
 const METRICS_ADDR: &str = "127.0.0.1:9400";
@@ -230,23 +230,4 @@ impl Drop for Agent {
             eprintln!("stopping the agent: {e:#}");
         }
     }
-}
-
-/// Whether `GET /readyz` on `addr` in `netns` answers 200.
-fn readyz(netns: &str, addr: SocketAddr) -> bool {
-    let t = Duration::from_millis(500);
-    let Ok(Ok(mut s)) = try_in_netns(netns, || TcpStream::connect_timeout(&addr, t)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(t));
-    let _ = s.set_write_timeout(Some(t));
-    if s.write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut head = Vec::new();
-    let _ = s.take(64).read_to_end(&mut head);
-    let head = String::from_utf8_lossy(&head);
-    head.starts_with("HTTP/") && head.split_whitespace().nth(1) == Some("200")
 }

@@ -781,6 +781,34 @@ pub fn lab_prefix(hint: &str) -> String {
     p
 }
 
+/// Whether `GET /readyz` on `addr` in namespace `netns` answers 200 (an agent that has synced).
+pub fn readyz(netns: &str, addr: SocketAddr) -> bool {
+    let t = Duration::from_millis(500);
+    let Ok(Ok(mut s)) = try_in_netns(netns, || TcpStream::connect_timeout(&addr, t)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(t));
+    let _ = s.set_write_timeout(Some(t));
+    if s.write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    let mut n = 0;
+    while n < buf.len() {
+        match s.read(&mut buf[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+        if buf[..n].contains(&b'\n') {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..n]);
+    head.starts_with("HTTP/") && head.split_whitespace().nth(1) == Some("200")
+}
+
 // ---------------------------------------------------------------------------------------------
 // Traffic
 // ---------------------------------------------------------------------------------------------
